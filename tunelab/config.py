@@ -1,0 +1,332 @@
+"""The run configuration: typed dataclasses, read from YAML, `key=value` overrides and kwargs.
+
+Every field has a one-line doc (the `doc` metadata) that the README and `tunelab train --help`
+show. Unknown keys, wrong types and bad values are rejected when the config is built, with
+the valid keys or choices listed, so nothing fails deep inside training.
+
+The loader is hand-written (about 150 lines) rather than pydantic/omegaconf because we need
+exactly three things, typed dataclasses, dotted overrides and errors that name the key and
+the fix, and this keeps the dependency list short.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from tunelab.errors import ConfigError
+
+
+def doc(text: str, default: Any = None, **kw: Any) -> Any:
+    """A dataclass field with a one-line description."""
+    if isinstance(default, (list, dict)):
+        value = default
+        return field(default_factory=lambda: type(value)(value), metadata={"doc": text}, **kw)
+    return field(default=default, metadata={"doc": text}, **kw)
+
+
+@dataclass
+class DataConfig:
+    train: str | None = doc("Training data file (CSV, TSV, JSON, JSONL or Parquet).")
+    validation: str | None = doc(
+        "Validation file; when empty, `validation_split` of train is held out (stratified)."
+    )
+    test: str | None = doc("Test file, evaluated once with the best model at the end.")
+    format: Literal["auto", "csv", "tsv", "json", "jsonl", "parquet"] = doc(
+        "File format; `auto` picks it from the file extension.", "auto"
+    )
+    text_column: str = doc("Column holding the input text.", "text")
+    text_pair_column: str | None = doc("Optional second text column (sentence pairs, NLI).")
+    label_column: str = doc("Column holding the label (string or integer).", "label")
+    labels: list[str] | None = doc("Label names in order; default: sorted labels of the train file.")
+    max_train_samples: int | None = doc("Use at most this many training rows (seeded shuffle).")
+    max_eval_samples: int | None = doc("Use at most this many validation/test rows (seeded).")
+    validation_split: float = doc("Share of train held out when no validation file is given.", 0.1)
+    max_length: int = doc("Truncate inputs to this many tokens.", 128)
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = doc("Passes over the training data (fractions allowed).", 3.0)
+    max_steps: int | None = doc("Stop after this many optimizer steps (overrides epochs).")
+    batch_size: int = doc("Examples per forward pass (per process).", 16)
+    gradient_accumulation: int = doc("Forward passes per optimizer step.", 1)
+    eval_batch_size: int = doc("Examples per forward pass at evaluation.", 128)
+    learning_rate: float | None = doc("Peak learning rate; default: the method's own (see README).")
+    optimizer: Literal["adamw", "sgd"] = doc("Optimizer.", "adamw")
+    weight_decay: float = doc("Decoupled weight decay (never on biases and norms).", 0.01)
+    schedule: Literal["linear", "cosine", "constant"] = doc("Decay after warmup.", "linear")
+    warmup_ratio: float = doc("Share of steps spent warming up the learning rate.", 0.1)
+    max_grad_norm: float | None = doc("Clip gradients to this global norm; null turns it off.", 1.0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = doc(
+        "Compute precision; `auto` uses bf16 autocast where the CPU/GPU has fast bf16.", "auto"
+    )
+    length_bucketing: bool = doc("Batch examples of similar length (shuffled buckets) to cut padding.", True)
+    eval_steps: int | None = doc("Evaluate every N optimizer steps (besides each epoch).")
+    eval_each_epoch: bool = doc("Evaluate on validation at the end of every epoch.", True)
+    metric_for_best: str = doc("Validation metric that picks the best model; `auto`: the task's.", "auto")
+    early_stopping_patience: int | None = doc(
+        "Stop after this many evaluations without improvement; null: never stop early."
+    )
+    log_steps: int = doc("Write training loss to metrics.jsonl every N optimizer steps.", 10)
+    num_threads: int | None = doc("CPU threads for torch; default: torch's choice.")
+    progress_bar: bool = doc("Show a progress bar with loss, throughput and ETA.", True)
+
+
+@dataclass
+class LoraConfig:
+    rank: int = doc("Rank of the low-rank update.", 16)
+    alpha: float = doc("Scaling numerator: the update is scaled by alpha / rank.", 32.0)
+    dropout: float = doc("Dropout on the LoRA input.", 0.0)
+    target_modules: list[str] | str = doc(
+        "Linear layers to adapt: names, `all-linear`, or `auto` (attention + FFN).", "auto"
+    )
+    train_pooler: bool = doc("Also train the encoder pooler (BERT-style models).", True)
+
+
+@dataclass
+class Config:
+    model: str = doc("Built-in name (minilm-l6), local folder, or hub id.", "minilm-l6")
+    task: Literal["classification"] = doc("What the model learns to do.", "classification")
+    method: Literal["full", "lora"] = doc("What trains: every weight, or LoRA updates + head.", "lora")
+    output_dir: str | None = doc("Run directory; default runs/<model>-<method>-<time>.")
+    seed: int = doc("Seed for data order, splits, initialisation and dropout.", 42)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+# ---------------------------------------------------------------------------- building
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (types.UnionType, typing.Union):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; return it (ints widen to float)."""
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+    elif origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        choices = ", ".join(str(a) for a in typing.get_args(tp))
+        raise ConfigError(f"{key}: {value!r} is not a valid choice; choose one of: {choices}")
+    elif origin is list:
+        if isinstance(value, list):
+            return [_coerce(v, typing.get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is str:
+        if isinstance(value, os.PathLike):  # Path objects inside section dicts
+            return os.fspath(value)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    else:
+        raise TypeError(f"unsupported annotation {tp} on {key}")
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from a plain dict, rejecting unknown keys and wrong types."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            near = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{prefix}{near[0]}'?" if near else "."
+            raise ConfigError(
+                f"unknown key '{prefix}{key}'{hint} Valid keys: {', '.join(prefix + n for n in names)}"
+            )
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, tp, prefix + key)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:  # a missing section, or an empty one in YAML (`train:` with nothing under it)
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`data.max_length=256` -> ("data.max_length", 256); values are read as YAML scalars."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value, e.g. train.epochs=1")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _section_fields() -> dict[str, str]:
+    """Field name -> section, for fields whose name is unique across sections (kwarg shortcuts)."""
+    seen: dict[str, list[str]] = {}
+    for name, tp in typing.get_type_hints(Config).items():
+        if dataclasses.is_dataclass(tp):
+            for sub in dataclasses.fields(tp):
+                seen.setdefault(sub.name, []).append(name)
+    return {name: sections[0] for name, sections in seen.items() if len(sections) == 1}
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    **kwargs: Any,
+) -> Config:
+    """Build a Config from a YAML file, then `key=value` overrides, then Python kwargs.
+
+    Kwargs take top-level keys (`model=`, `method=`), whole sections as dicts (`data={...}`),
+    dotted keys via `**{"train.epochs": 1}`, or any section field whose name is unique
+    (`epochs=1`, `text_column="sentence"`); `train="file.csv"` (a string) means `data.train`.
+
+    Raises:
+        ConfigError: unreadable YAML, unknown key, wrong type or invalid value.
+    """
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+            raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(loaded).__name__}")
+        tree = loaded or {}
+    for text in overrides or []:
+        _set_dotted(tree, *parse_override(text))
+    shortcuts = _section_fields()
+    for key, value in kwargs.items():
+        if key == "train" and isinstance(value, (str, Path)):
+            key = "data.train"
+        if "." not in key and key not in {f.name for f in dataclasses.fields(Config)} and key in shortcuts:
+            key = f"{shortcuts[key]}.{key}"
+        if isinstance(value, Path):
+            value = str(value)
+        if isinstance(value, dict):
+            value = dict(value)  # later kwargs must not write into the caller's dict
+        if isinstance(value, dict) and isinstance(tree.get(key), dict):
+            tree[key].update(value)
+        else:
+            _set_dotted(tree, key, value)
+    config = _build(Config, tree)
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Value checks beyond types. Raises ConfigError naming the key and the valid range."""
+    checks = [
+        ("train.epochs", config.train.epochs > 0, "must be > 0"),
+        ("train.batch_size", config.train.batch_size >= 1, "must be >= 1"),
+        ("train.eval_batch_size", config.train.eval_batch_size >= 1, "must be >= 1"),
+        ("train.gradient_accumulation", config.train.gradient_accumulation >= 1, "must be >= 1"),
+        (
+            "train.learning_rate",
+            config.train.learning_rate is None or config.train.learning_rate > 0,
+            "must be > 0",
+        ),
+        ("train.warmup_ratio", 0 <= config.train.warmup_ratio < 1, "must be in [0, 1)"),
+        ("train.weight_decay", config.train.weight_decay >= 0, "must be >= 0"),
+        ("train.max_steps", config.train.max_steps is None or config.train.max_steps >= 1, "must be >= 1"),
+        ("train.log_steps", config.train.log_steps >= 1, "must be >= 1"),
+        ("train.eval_steps", config.train.eval_steps is None or config.train.eval_steps >= 1, "must be >= 1"),
+        ("data.validation_split", 0 < config.data.validation_split < 1, "must be in (0, 1)"),
+        ("data.max_length", config.data.max_length >= 2, "must be >= 2"),
+        (
+            "data.max_train_samples",
+            config.data.max_train_samples is None or config.data.max_train_samples >= 1,
+            "must be >= 1 (or null for all rows)",
+        ),
+        (
+            "data.max_eval_samples",
+            config.data.max_eval_samples is None or config.data.max_eval_samples >= 1,
+            "must be >= 1 (or null for all rows)",
+        ),
+        ("lora.rank", config.lora.rank >= 1, "must be >= 1"),
+        ("lora.dropout", 0 <= config.lora.dropout < 1, "must be in [0, 1)"),
+    ]
+    for key, ok, rule in checks:
+        if not ok:
+            value = _get_dotted(config, key)
+            raise ConfigError(f"{key}: {value!r} {rule}")
+
+
+def _get_dotted(config: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True))
+
+
+def field_docs(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any]]:
+    """(dotted key, doc, default) for every leaf field: the config reference."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows += field_docs(hints[f.name], f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        rows.append((prefix + f.name, f.metadata.get("doc", ""), default))
+    return rows

@@ -1,0 +1,309 @@
+"""The training loop: one plain PyTorch loop, read top to bottom in `fit`.
+
+It owns batching (length buckets), the optimizer and schedule, mixed precision, gradient
+accumulation and clipping, periodic evaluation, best-model selection and early stopping.
+Tasks supply the loss and metrics; methods decide which parameters train.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import resource
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from tunelab.config import Config
+from tunelab.errors import ConfigError
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `precision`, or None for plain fp32."""
+    if precision == "fp32":
+        return None
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise ConfigError("train.precision: fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
+        return torch.float16
+    if device.type == "cuda":
+        supported = torch.cuda.is_bf16_supported()
+    else:
+        supported = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if precision == "bf16" and not supported:
+        raise ConfigError(f"train.precision: this {device.type.upper()} has no fast bf16; use fp32 or auto")
+    return torch.bfloat16 if supported else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def length_batches(
+    lengths: list[int], batch_size: int, rng: random.Random, bucketing: bool
+) -> list[list[int]]:
+    """Indices grouped into batches. With bucketing: shuffle, sort by length inside windows of
+    50 batches, cut into batches, then shuffle the batches, so each batch holds rows of similar
+    length (little padding) while the order across batches stays random."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    if bucketing:
+        window = batch_size * 50
+        order = [
+            i
+            for s in range(0, len(order), window)
+            for i in sorted(order[s : s + window], key=lambda j: lengths[j])
+        ]
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    if bucketing:
+        rng.shuffle(batches)
+    return batches
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: torch.nn.Module,
+    examples: list[dict[str, Any]],
+    collate: Callable,
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype | None,
+) -> np.ndarray:
+    """Model outputs for `examples`, in their order; batches are length-sorted to cut padding."""
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    chunks = []
+    for s in range(0, len(order), batch_size):
+        batch = collate([examples[i] for i in order[s : s + batch_size]], pad_id)
+        batch.pop("labels", None)
+        with autocast(device, dtype):
+            chunks.append(model(**to_device(batch, device)).logits.float().cpu())
+    model.train(was_training)
+    logits = torch.cat(chunks).numpy() if chunks else np.zeros((0, 0), dtype=np.float32)
+    out = np.empty_like(logits)
+    out[order] = logits
+    return out
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay on weight matrices only: biases, norms and other 1-d parameters are exempt."""
+    decay, exempt = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (exempt if p.ndim < 2 or name.endswith("bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": exempt, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: torch.nn.Module, config: Config, lr: float) -> torch.optim.Optimizer:
+    groups = param_groups(model, config.train.weight_decay)
+    if config.train.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9)
+    return torch.optim.AdamW(groups, lr=lr, fused=True)
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, kind: str, warmup: int, total: int) -> Any:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+@dataclass
+class FitResult:
+    steps: int = 0
+    epochs: float = 0.0
+    runtime_s: float = 0.0
+    samples: int = 0
+    tokens: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    stopped_early: bool = False
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "epochs": round(self.epochs, 4),
+            "runtime_s": round(self.runtime_s, 3),
+            "samples_per_s": round(self.samples / max(self.runtime_s, 1e-9), 3),
+            "tokens_per_s": round(self.tokens / max(self.runtime_s, 1e-9), 1),
+            "best_step": self.best_step,
+            "best_metric": self.best_metric,
+            "stopped_early": self.stopped_early,
+        }
+
+
+def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _micro_batches(batches: list[list[int]], accumulation: int) -> Iterator[list[list[int]]]:
+    for s in range(0, len(batches), accumulation):
+        yield batches[s : s + accumulation]
+
+
+def fit(
+    model: torch.nn.Module,
+    task: Any,
+    train: list[dict[str, Any]],
+    validation: list[dict[str, Any]],
+    config: Config,
+    lr: float,
+    pad_id: int,
+    log: Callable[[dict[str, Any]], None],
+    device: torch.device | None = None,
+) -> FitResult:
+    """Train `model` in place on `train`; keep the weights that scored best on `validation`.
+
+    `log` receives one dict per logging or evaluation step (the metrics.jsonl lines).
+    """
+    tc = config.train
+    device = device or pick_device()
+    dtype = resolve_precision(tc.precision, device)
+    metric = task.default_metric if tc.metric_for_best == "auto" else tc.metric_for_best
+    lower_is_better = metric.endswith("loss") or metric in ("mse", "mae", "perplexity")
+    rng = random.Random(config.seed)
+    torch.manual_seed(config.seed)
+    lengths = [len(e["input_ids"]) for e in train]
+
+    steps_per_epoch = math.ceil(math.ceil(len(train) / tc.batch_size) / tc.gradient_accumulation)
+    total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
+    optimizer = make_optimizer(model, config, lr)
+    schedule = make_schedule(optimizer, tc.schedule, math.ceil(tc.warmup_ratio * total_steps), total_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    result = FitResult()
+    best_state: dict[str, torch.Tensor] | None = None
+    evals_without_gain = 0
+    last_eval_step = -1
+    running_loss, running_units, window_samples, window_start = 0.0, 0, 0, time.perf_counter()
+    progress = _progress(total_steps, tc.progress_bar)
+
+    def evaluate(epoch: float) -> bool:
+        """Validation metrics at this point; returns True when training should stop."""
+        nonlocal best_state, evals_without_gain, last_eval_step
+        last_eval_step = result.steps
+        if not validation:
+            return False
+        logits = predict_logits(model, validation, task.collate, pad_id, tc.eval_batch_size, device, dtype)
+        scores = task.metrics(logits, validation)
+        if metric not in scores:
+            raise ConfigError(
+                f"train.metric_for_best: '{metric}' is not a {task.name} metric; "
+                f"choose one of: {', '.join(k for k, v in scores.items() if isinstance(v, float))}"
+            )
+        flat = {k: v for k, v in scores.items() if isinstance(v, (int, float))}
+        log({"step": result.steps, "epoch": round(epoch, 4), "split": "validation", **flat})
+        value = scores[metric]
+        better = result.best_metric is None or (
+            value < result.best_metric if lower_is_better else value > result.best_metric
+        )
+        if better:
+            result.best_metric, result.best_step = value, result.steps
+            best_state, evals_without_gain = _trainable_state(model), 0
+        else:
+            evals_without_gain += 1
+        progress.set_postfix_str(f"{metric}={value:.4f} best={result.best_metric:.4f}", refresh=False)
+        patience = tc.early_stopping_patience
+        return patience is not None and evals_without_gain >= patience
+
+    model.to(device).train()
+    start = time.perf_counter()
+    stop = False
+    epoch = 0
+    while not stop:
+        batches = length_batches(lengths, tc.batch_size, rng, tc.length_bucketing)
+        for group in _micro_batches(batches, tc.gradient_accumulation):
+            # Normalise by the examples (or tokens) of the whole accumulated step, so that
+            # accumulation 4 x batch 1 gives the same update as batch 4.
+            collated = [task.collate([train[i] for i in idx], pad_id) for idx in group]
+            units = sum(task.units(b) for b in collated)
+            for batch in collated:
+                with autocast(device, dtype):
+                    loss_sum = task.loss(model, to_device(batch, device))
+                scaler.scale(loss_sum / units).backward()
+                running_loss += loss_sum.item()
+            if tc.max_grad_norm is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(trainable, tc.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            result.steps += 1
+            running_units += units
+            n_samples = sum(len(idx) for idx in group)
+            result.samples += n_samples
+            window_samples += n_samples
+            result.tokens += sum(lengths[i] for idx in group for i in idx)
+            progress.update(1)
+            epoch_pos = epoch + min(1.0, (result.steps - epoch * steps_per_epoch) / steps_per_epoch)
+            if result.steps % tc.log_steps == 0 or result.steps == total_steps:
+                now = time.perf_counter()
+                entry = {
+                    "step": result.steps,
+                    "epoch": round(epoch_pos, 4),
+                    "loss": running_loss / max(running_units, 1),
+                    "lr": schedule.get_last_lr()[0],
+                    "samples_per_s": round(window_samples / max(now - window_start, 1e-9), 2),
+                }
+                log(entry)
+                progress.set_description(f"loss {entry['loss']:.4f}", refresh=False)
+                running_loss, running_units, window_samples, window_start = 0.0, 0, 0, now
+            if tc.eval_steps and result.steps % tc.eval_steps == 0 and result.steps < total_steps:
+                stop = evaluate(epoch_pos)
+            if stop or result.steps >= total_steps:
+                stop = True
+                break
+        epoch += 1
+        result.epochs = min(result.steps / steps_per_epoch, epoch)
+        if (tc.eval_each_epoch or result.steps >= total_steps) and last_eval_step != result.steps:
+            stop = evaluate(result.epochs) or stop
+        result.stopped_early = stop and result.steps < total_steps
+    progress.close()
+    result.runtime_s = time.perf_counter() - start
+    if best_state is not None:
+        with torch.no_grad():
+            params = dict(model.named_parameters())
+            for name, value in best_state.items():
+                params[name].copy_(value)
+    return result
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    import sys
+
+    from tqdm.auto import tqdm
+
+    # In a log file (not a terminal) redraw rarely instead of writing a line per refresh.
+    interval = 0.1 if sys.stderr.isatty() else 30.0
+    return tqdm(
+        total=total, disable=not enabled, unit="step", dynamic_ncols=True, leave=True, mininterval=interval
+    )

@@ -1,0 +1,46 @@
+"""What every task shares: the split container, tokenizing texts, and padding a batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Splits:
+    """Encoded examples per split; each example is a dict of token lists (+ "labels")."""
+
+    train: list[dict[str, Any]]
+    validation: list[dict[str, Any]]
+    test: list[dict[str, Any]] | None = None
+    files: dict[str, str] = field(default_factory=dict)
+
+
+def encode_texts(tokenizer: Any, texts: list[str], pairs: list[str] | None, max_length: int) -> list[dict]:
+    """Tokenize without padding (batches are padded later, to their own longest row)."""
+    enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
+    keys = [k for k in ("input_ids", "token_type_ids") if k in enc]
+    return [{k: enc[k][i] for k in keys} for i in range(len(texts))]
+
+
+def collate_tokens(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad token lists on the right to the longest example; add the attention mask."""
+    longest = max(len(e["input_ids"]) for e in examples)
+    batch: dict[str, torch.Tensor] = {}
+    ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), longest), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.tensor(e["input_ids"])
+        mask[i, :n] = 1
+    batch["input_ids"], batch["attention_mask"] = ids, mask
+    if "token_type_ids" in examples[0]:
+        types = torch.zeros((len(examples), longest), dtype=torch.long)
+        for i, e in enumerate(examples):
+            types[i, : len(e["token_type_ids"])] = torch.tensor(e["token_type_ids"])
+        batch["token_type_ids"] = types
+    if "labels" in examples[0]:
+        batch["labels"] = torch.tensor([e["labels"] for e in examples])
+    return batch
