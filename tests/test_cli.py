@@ -174,3 +174,18 @@ def test_python_api_mirrors_the_cli(tiny_bert, sentiment_files, tmp_path):
     predictions = tunelab.load(run.path).predict(["good film", "awful film"])
     assert [set(p) for p in predictions] == [{"label", "score", "probabilities"}] * 2
     assert run.config.train.epochs == 1.0 and run.config.method == "full"
+
+
+def test_overrides_may_follow_flags(monkeypatch):
+    import tunelab.run
+
+    seen = {}
+    monkeypatch.setattr(
+        tunelab.run,
+        "train",
+        lambda config, overrides, overwrite: seen.update(
+            config=config, overrides=overrides, overwrite=overwrite
+        ),
+    )
+    assert main(["train", "c.yaml", "a=1", "--overwrite", "b=2"]) == 0
+    assert seen == {"config": "c.yaml", "overrides": ["a=1", "b=2"], "overwrite": True}
