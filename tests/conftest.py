@@ -44,6 +44,32 @@ def write_tiny_bert(folder: Path, layers: int = 2, hidden: int = 32, dropout: fl
     return folder
 
 
+def write_tiny_llama(folder: Path) -> Path:
+    """A random Llama (grouped-query attention) sharing the tiny WordPiece vocabulary."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    write_tiny_bert(folder)  # for the tokenizer files; the BERT weights are replaced below
+    for name in ("model.safetensors", "config.json"):
+        (folder / name).unlink()
+    vocab = len((folder / "vocab.txt").read_text().split()) if (folder / "vocab.txt").exists() else 64
+    config = LlamaConfig(
+        vocab_size=max(vocab, 64),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
 def sentiment_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
     """Synthetic reviews whose label is decided by one sentiment word among fillers."""
     rng = random.Random(seed)

@@ -132,7 +132,10 @@ def test_existing_run_is_not_overwritten(trained_run, capsys):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["method=qlora"], "method: 'qlora' is not a valid choice; choose one of: full, lora"),
+        (
+            ["method=qlora"],
+            "method: 'qlora' is not a valid choice; choose one of: full, freeze, lora, adapter, prefix, prompt, ia3",
+        ),
         (["data.txt_column=x"], "did you mean 'data.text_column'"),
         (["train.batch_size=big"], "train.batch_size: expected int"),
         (["data.train=missing.csv"], "data file not found: missing.csv"),

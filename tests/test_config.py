@@ -155,7 +155,7 @@ def test_precedence_kwargs_over_overrides_over_yaml(tmp_path):
         ({"**": {"trian.epochs": 1}}, r"unknown key 'trian'; did you mean 'train'\?"),
         (
             {"overrides": ["zzz=1"]},
-            r"unknown key 'zzz'\. Valid keys: model, task, method, output_dir, seed, data, train, lora$",
+            r"unknown key 'zzz'\. Valid keys: model, task, method, output_dir, seed, data, train, freeze, lora, adapter, prefix, prompt, ia3$",
         ),
     ],
 )
@@ -194,7 +194,10 @@ def test_wrong_type_names_key_expected_type_and_value(override, message):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"method": "qlora"}, "method: 'qlora' is not a valid choice; choose one of: full, lora"),
+        (
+            {"method": "qlora"},
+            "method: 'qlora' is not a valid choice; choose one of: full, freeze, lora, adapter, prefix, prompt, ia3",
+        ),
         ({"optimizer": "adam"}, "train.optimizer: 'adam' is not a valid choice; choose one of: adamw, sgd"),
         (
             {"format": "xlsx"},
@@ -272,8 +275,8 @@ def test_save_then_load_round_trips(tmp_path):
         text_column="sentence",
         epochs=0.5,
         max_steps=10,
-        target_modules=["query", "value"],
         alpha=8,
+        **{"lora.target_modules": ["query", "value"]},
     )
     path = tmp_path / "config.yaml"
     save_config(config, path)
@@ -287,6 +290,18 @@ def test_every_leaf_field_has_a_doc():
     assert len(keys) == len(set(keys))
     assert {"model", "data.text_column", "train.epochs", "lora.rank"} <= set(keys)
     assert not [key for key, text, _ in rows if not text.strip()]
-    assert all("." not in key or key.split(".")[0] in {"data", "train", "lora"} for key in keys)
+    assert all(
+        "." not in key
+        or key.split(".")[0] in {"data", "train", "freeze", "lora", "adapter", "prefix", "prompt", "ia3"}
+        for key in keys
+    )
     defaults = {key: default for key, _, default in rows}
     assert defaults["train.epochs"] == Config().train.epochs and defaults["data.text_column"] == "text"
+
+
+def test_ambiguous_shortcut_asks_for_the_section():
+    with pytest.raises(
+        ConfigError,
+        match=r"'target_modules' is in several sections; name one: lora.target_modules or ia3.target_modules",
+    ):
+        load_config(target_modules=["query"])

@@ -1,5 +1,6 @@
-"""Every method through the same checks on a tiny random BERT: what trains, what stays frozen,
-exact trainable counts, and save/load round trips."""
+"""Every method through the same checks, on a tiny random BERT and a tiny random Llama:
+what trains, exact trainable counts, output at init, frozen weights bit-identical after
+training, save/load round trip, and merged == unmerged where the maths allows."""
 
 from __future__ import annotations
 
@@ -7,107 +8,169 @@ import pytest
 import torch
 
 from tunelab.config import load_config
-from tunelab.methods import METHODS
-from tunelab.models import count_params
-from tunelab.run import load, train
+from tunelab.loop import fit
+from tunelab.methods import METHODS, adapter
+from tunelab.methods.common import block_stacks, merge_checked
+from tunelab.models import count_params, load_tokenizer
+from tunelab.run import load, seed_everything, train
 from tunelab.tasks import TASKS
 
-METHOD_NAMES = sorted(METHODS)
+from .conftest import write_tiny_bert, write_tiny_llama
+
+METHOD_NAMES = list(METHODS)
+IDENTITY_AT_INIT = {"full", "freeze", "lora", "adapter", "ia3"}  # prefix/prompt add new inputs
+TEXTS = ["the movie was good", "a dull and grim film", "happy warm plot and it was superb"]
 
 
-def tiny_model(tiny_bert, method, **kw):
-    config = load_config(model=str(tiny_bert), method=method, labels=["negative", "positive"], **kw)
+@pytest.fixture(scope="module", params=["bert", "llama"])
+def tiny(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(f"tiny-{request.param}")
+    return (write_tiny_bert if request.param == "bert" else write_tiny_llama)(folder)
+
+
+def build(model_dir, method, **kw):
+    config = load_config(model=str(model_dir), method=method, labels=["negative", "positive"],
+                         progress_bar=False, precision="fp32", **kw)  # fmt: skip
     task = TASKS["classification"](config)
-    torch.manual_seed(0)
-    return config, task, task.build_model(str(tiny_bert))
+    seed_everything(0)
+    return config, task, task.build_model(str(model_dir))
 
 
-def test_lora_trainable_count_is_exact(tiny_bert):
-    config, task, model = tiny_model(tiny_bert, "lora", **{"lora.rank": 4})
-    hidden, inner, layers, labels = 32, 64, 2, 2
-    rank = 4
-    per_layer = 4 * rank * (hidden + hidden) + rank * (hidden + inner) + rank * (inner + hidden)
-    pooler, head = hidden * hidden + hidden, hidden * labels + labels
-    model = METHODS["lora"].apply(model, config, task)
-    trainable, _ = count_params(model)
-    assert trainable == layers * per_layer + pooler + head
+def batch_of(model_dir, texts=TEXTS):
+    tokenizer = load_tokenizer(str(model_dir))
+    batch = dict(tokenizer(texts, padding=True, return_tensors="pt"))
+    batch.pop("token_type_ids", None)  # single texts: all zero, and Llama takes none
+    return batch
 
 
-def test_full_trains_everything(tiny_bert):
-    config, task, model = tiny_model(tiny_bert, "full")
-    model = METHODS["full"].apply(model, config, task)
-    trainable, total = count_params(model)
-    assert trainable == total
-
-
-def test_lora_starts_as_the_base_model(tiny_bert):
-    """B is zero at init, so the adapted model computes exactly what the base does."""
-    config, task, model = tiny_model(tiny_bert, "lora")
-    batch = {"input_ids": torch.tensor([[2, 5, 9, 3]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+@torch.no_grad()
+def logits(model, batch):
     model.eval()
-    with torch.no_grad():
-        before = model(**batch).logits
-        after = METHODS["lora"].apply(model, config, task).eval()(**batch).logits
-    torch.testing.assert_close(before, after, rtol=0, atol=0)
+    return model(**batch).logits
 
 
 @pytest.mark.parametrize("method", METHOD_NAMES)
-def test_train_save_load_round_trip(method, tiny_bert, sentiment_files, tmp_path):
-    run = train(
-        model=str(tiny_bert),
-        method=method,
-        output_dir=str(tmp_path / method),
-        train=str(sentiment_files["train"]),
-        validation=str(sentiment_files["validation"]),
-        epochs=1,
-        progress_bar=False,
-        precision="fp32",
+def test_method_trains_only_its_parameters_and_round_trips(method, tiny, sentiment_files, tmp_path):
+    config, task, model = build(tiny, method, **{"freeze.trainable_layers": 1})
+    batch = batch_of(tiny)
+    base_out = logits(model, batch)
+    model = METHODS[method].apply(model, config, task)
+    if method in IDENTITY_AT_INIT:
+        torch.testing.assert_close(logits(model, batch), base_out, rtol=0, atol=1e-6)
+
+    trainable, total = count_params(model)
+    assert 0 < trainable <= total
+    if method != "full":
+        assert trainable < 0.6 * total
+    if hasattr(model, "get_nb_trainable_parameters"):  # peft's own count agrees with ours
+        assert model.get_nb_trainable_parameters()[0] == trainable
+
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    tokenizer = load_tokenizer(str(tiny))
+    examples = task.encode(task.read(str(sentiment_files["train"])), tokenizer)[:64]
+    config.train.max_steps = 4
+    fit(model, task, examples, [], config, 1e-2, tokenizer.pad_token_id, lambda e: None, torch.device("cpu"))
+    for name, before in frozen.items():
+        assert torch.equal(dict(model.named_parameters())[name].detach(), before), f"{name} moved"
+    moved = [
+        n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p.detach(), trained[n])
+    ]
+    assert moved, "nothing trained"
+
+    out = logits(model, batch)
+    METHODS[method].save(model, tmp_path / "model")
+    reloaded = METHODS[method].load(config, task, tmp_path / "model")
+    torch.testing.assert_close(logits(reloaded, batch), out, rtol=0, atol=1e-6)
+
+    if METHODS[method].merge is not None:
+        merged, difference = merge_checked(METHODS[method], reloaded, batch)
+        assert difference < 1e-4
+        assert type(merged).__name__.endswith("ForSequenceClassification")
+        assert not any(n for n, _ in merged.named_modules() if "lora_" in n or "modules_to_save" in n)
+
+
+def test_lora_trainable_count_is_exact(tiny_bert):
+    config, task, model = build(tiny_bert, "lora", **{"lora.rank": 4})
+    hidden, inner, layers, labels, rank = 32, 64, 2, 2, 4
+    per_layer = 4 * rank * (hidden + hidden) + rank * (hidden + inner) + rank * (inner + hidden)
+    pooler, head = hidden * hidden + hidden, hidden * labels + labels
+    model = METHODS["lora"].apply(model, config, task)
+    assert count_params(model)[0] == layers * per_layer + pooler + head
+
+
+def test_freeze_trains_the_top_layers_and_what_sits_above_them(tiny_bert):
+    config, task, model = build(tiny_bert, "freeze", **{"freeze.trainable_layers": 1})
+    model = METHODS["freeze"].apply(model, config, task)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(
+        n.startswith(("bert.encoder.layer.1.", "bert.pooler.", "classifier.")) for n in trained
     )
-    texts = ["the movie was good", "a dull and grim film", "happy warm plot"]
-    before = run.predict(texts)
-    loaded = load(run.path)
-    after = loaded.predict(texts)
-    assert [p["label"] for p in before] == [p["label"] for p in after]
+    layer = sum(p.numel() for p in model.bert.encoder.layer[1].parameters())
+    above = sum(p.numel() for p in model.bert.pooler.parameters()) + sum(
+        p.numel() for p in model.classifier.parameters()
+    )
+    assert count_params(model)[0] == layer + above
+
+
+def test_adapter_finds_attention_and_ffn_outputs_by_structure(tiny_bert, tmp_path):
+    _, _, bert = build(tiny_bert, "adapter")
+    assert adapter.targets(bert, "houlsby")[:2] == ["bert.encoder.layer.0.attention.output.dense",
+                                                    "bert.encoder.layer.0.output.dense"]  # fmt: skip
+    assert adapter.targets(bert, "pfeiffer") == [f"bert.encoder.layer.{i}.output.dense" for i in range(2)]
+    llama_dir = write_tiny_llama(tmp_path / "llama")
+    _, _, llama = build(llama_dir, "adapter")
+    assert adapter.targets(llama, "houlsby")[:2] == [
+        "model.layers.0.self_attn.o_proj",
+        "model.layers.0.mlp.down_proj",
+    ]
+    config, task, bert = build(tiny_bert, "adapter", **{"adapter.reduction_factor": 8})
+    bert = adapter.apply(bert, config, task)
+    hidden, bottleneck = 32, 4
+    per_adapter = hidden * bottleneck + bottleneck + bottleneck * hidden + hidden
+    head = hidden * hidden + hidden + hidden * 2 + 2
+    assert count_params(bert)[0] == 2 * 2 * per_adapter + head
+
+
+def test_block_stacks_finds_the_layer_list(tiny_bert, tmp_path):
+    _, _, bert = build(tiny_bert, "full")
+    assert [n for n, _ in block_stacks(bert)] == ["bert.encoder.layer"]
+    _, _, llama = build(write_tiny_llama(tmp_path / "llama"), "full")
+    assert [n for n, _ in block_stacks(llama)] == ["model.layers"]
+
+
+def test_prompt_init_text_and_dora_rslora_options(tiny_bert):
+    config, task, model = build(
+        tiny_bert, "prompt", **{"prompt.init_text": "the movie was", "prompt.num_virtual_tokens": 3}
+    )
+    model = METHODS["prompt"].apply(model, config, task)
+    tokenizer = load_tokenizer(str(tiny_bert))
+    ids = tokenizer("the movie was")["input_ids"][:3]  # peft keeps the special tokens: [CLS] the movie
+    prompt = model.prompt_encoder["default"].embedding.weight
+    torch.testing.assert_close(prompt, model.get_input_embeddings().weight[ids])
+    config, task, model = build(tiny_bert, "lora", **{"lora.use_dora": True, "lora.use_rslora": True})
+    model = METHODS["lora"].apply(model, config, task)
+    assert any("lora_magnitude_vector" in n for n, _ in model.named_parameters())
+    assert model.peft_config["default"].use_rslora
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "adapter"])
+def test_run_directory_round_trip(method, tiny_bert, sentiment_files, tmp_path):
+    run = train(model=str(tiny_bert), method=method, output_dir=str(tmp_path / method),
+                train=str(sentiment_files["train"]), validation=str(sentiment_files["validation"]),
+                max_steps=5, progress_bar=False, precision="fp32")  # fmt: skip
+    before = run.predict(TEXTS)
+    after = load(run.path).predict(TEXTS)
     for b, a in zip(before, after):
+        assert a["label"] == b["label"]
         for label in b["probabilities"]:
             assert a["probabilities"][label] == pytest.approx(b["probabilities"][label], abs=1e-6)
     files = {p.name for p in (run.path / "model").iterdir()}
-    if method == "lora":
-        assert {"adapter_model.safetensors", "adapter_config.json"} <= files
-        assert "model.safetensors" not in files
-        from safetensors.torch import load_file
-
-        saved = load_file(run.path / "model" / "adapter_model.safetensors")
-        assert any("classifier" in k for k in saved), "the trained head must be saved with the adapter"
-    else:
-        assert "model.safetensors" in files
-    assert "tokenizer.json" in files or "vocab.txt" in files
-
-
-def test_lora_leaves_base_weights_bit_identical(tiny_bert, sentiment_files, tmp_path):
-    config, task, base = tiny_model(tiny_bert, "lora")
-    original = {k: v.clone() for k, v in base.state_dict().items()}
-    run = train(
-        model=str(tiny_bert),
-        method="lora",
-        output_dir=str(tmp_path / "r"),
-        train=str(sentiment_files["train"]),
-        validation=str(sentiment_files["validation"]),
-        epochs=1,
-        progress_bar=False,
-        precision="fp32",
-        seed=config.seed,
-    )
-    trained = run.model.get_base_model()
-    changed = []
-    for name, param in trained.named_parameters():
-        if "lora_" in name or "modules_to_save" in name:
-            continue
-        key = name.replace(".base_layer", "").replace(".original_module", "")
-        if key.startswith(("classifier", "bert.pooler")):
-            continue  # the fresh head and the pooler train in full
-        assert torch.equal(param.detach(), original[key]), name
-        changed.append(key)
-    assert len(changed) > 20
-    lora_b = [p for n, p in trained.named_parameters() if "lora_B" in n]
-    assert any(p.abs().sum() > 0 for p in lora_b), "LoRA weights should have moved"
+    expected = {
+        "full": "model.safetensors",
+        "lora": "adapter_model.safetensors",
+        "adapter": "trained.safetensors",
+    }
+    assert expected[method] in files
+    if method != "full":
+        assert "model.safetensors" not in files, "only what trains is saved"

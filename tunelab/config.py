@@ -82,6 +82,12 @@ class TrainConfig:
 
 
 @dataclass
+class FreezeConfig:
+    trainable_layers: int = doc("How many of the top transformer layers train (with the head).", 2)
+    train_embeddings: bool = doc("Also train the input embeddings.", False)
+
+
+@dataclass
 class LoraConfig:
     rank: int = doc("Rank of the low-rank update.", 16)
     alpha: float = doc("Scaling numerator: the update is scaled by alpha / rank.", 32.0)
@@ -89,19 +95,54 @@ class LoraConfig:
     target_modules: list[str] | str = doc(
         "Linear layers to adapt: names, `all-linear`, or `auto` (attention + FFN).", "auto"
     )
-    train_pooler: bool = doc("Also train the encoder pooler (BERT-style models).", True)
+    use_dora: bool = doc("DoRA: learn a magnitude per output too (Liu et al., 2024).", False)
+    use_rslora: bool = doc("rsLoRA: scale by alpha / sqrt(rank) instead of alpha / rank.", False)
+
+
+@dataclass
+class AdapterConfig:
+    reduction_factor: int = doc("Bottleneck width = hidden size / reduction_factor.", 16)
+    placement: Literal["houlsby", "pfeiffer"] = doc(
+        "houlsby: after attention and FFN; pfeiffer: after FFN only.", "houlsby"
+    )
+
+
+@dataclass
+class PrefixConfig:
+    num_virtual_tokens: int = doc("Prefix length: key/value vectors added to every layer.", 20)
+    projection: bool = doc("Reparameterise the prefix through a 2-layer MLP (Li & Liang, 2021).", False)
+
+
+@dataclass
+class PromptConfig:
+    num_virtual_tokens: int = doc("Soft prompt length, in embedding vectors.", 20)
+    init_text: str | None = doc("Initialise the soft prompt from this text's token embeddings.")
+
+
+@dataclass
+class Ia3Config:
+    target_modules: list[str] | str = doc(
+        "Layers to rescale: names, or `auto` (keys, values and FFN output, per peft).", "auto"
+    )
 
 
 @dataclass
 class Config:
     model: str = doc("Built-in name (minilm-l6), local folder, or hub id.", "minilm-l6")
     task: Literal["classification"] = doc("What the model learns to do.", "classification")
-    method: Literal["full", "lora"] = doc("What trains: every weight, or LoRA updates + head.", "lora")
+    method: Literal["full", "freeze", "lora", "adapter", "prefix", "prompt", "ia3"] = doc(
+        "What trains (see the README's method table).", "lora"
+    )
     output_dir: str | None = doc("Run directory; default runs/<model>-<method>-<time>.")
     seed: int = doc("Seed for data order, splits, initialisation and dropout.", 42)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    prefix: PrefixConfig = field(default_factory=PrefixConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    ia3: Ia3Config = field(default_factory=Ia3Config)
 
 
 # ---------------------------------------------------------------------------- building
@@ -208,14 +249,14 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def _section_fields() -> dict[str, str]:
-    """Field name -> section, for fields whose name is unique across sections (kwarg shortcuts)."""
+def _section_fields() -> dict[str, list[str]]:
+    """Field name -> the sections that have it (for kwarg shortcuts like `epochs=1`)."""
     seen: dict[str, list[str]] = {}
     for name, tp in typing.get_type_hints(Config).items():
         if dataclasses.is_dataclass(tp):
             for sub in dataclasses.fields(tp):
                 seen.setdefault(sub.name, []).append(name)
-    return {name: sections[0] for name, sections in seen.items() if len(sections) == 1}
+    return seen
 
 
 def load_config(
@@ -253,7 +294,11 @@ def load_config(
         if key == "train" and isinstance(value, (str, Path)):
             key = "data.train"
         if "." not in key and key not in {f.name for f in dataclasses.fields(Config)} and key in shortcuts:
-            key = f"{shortcuts[key]}.{key}"
+            sections = shortcuts[key]
+            if len(sections) > 1:
+                options = " or ".join(f"{section}.{key}" for section in sections)
+                raise ConfigError(f"'{key}' is in several sections; name one: {options}")
+            key = f"{sections[0]}.{key}"
         if isinstance(value, Path):
             value = str(value)
         if isinstance(value, dict):
@@ -298,6 +343,10 @@ def validate(config: Config) -> None:
         ),
         ("lora.rank", config.lora.rank >= 1, "must be >= 1"),
         ("lora.dropout", 0 <= config.lora.dropout < 1, "must be in [0, 1)"),
+        ("freeze.trainable_layers", config.freeze.trainable_layers >= 0, "must be >= 0"),
+        ("adapter.reduction_factor", config.adapter.reduction_factor >= 1, "must be >= 1"),
+        ("prefix.num_virtual_tokens", config.prefix.num_virtual_tokens >= 1, "must be >= 1"),
+        ("prompt.num_virtual_tokens", config.prompt.num_virtual_tokens >= 1, "must be >= 1"),
     ]
     for key, ok, rule in checks:
         if not ok:

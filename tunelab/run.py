@@ -97,6 +97,21 @@ def write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
 
 
+def check_merge(
+    config: Config, task: Any, model_dir: Path, examples: list[dict[str, Any]], tokenizer: Any
+) -> dict[str, Any]:
+    """Reload the saved model, merge it into plain weights and compare logits on up to 32
+    examples: proof that the saved artifact merges correctly."""
+    from tunelab.methods.common import merge_checked
+
+    method = METHODS[config.method]
+    model = method.load(config, task, model_dir)
+    batch = task.collate(examples[:32], tokenizer.pad_token_id)
+    batch.pop("labels", None)
+    _, difference = merge_checked(method, model, batch)
+    return {"max_abs_diff": difference, "examples": len(examples[:32])}
+
+
 class Run:
     """A finished run loaded for use: `predict`, `evaluate`."""
 
@@ -240,6 +255,13 @@ def train(
     }
     method.save(model, tmp / "model")
     tokenizer.save_pretrained(tmp / "model")
+    if method.merge is not None and config.method != "full":
+        report["merge"] = check_merge(
+            config, task, tmp / "model", splits.validation or splits.train, tokenizer
+        )
+        say(
+            f"merge check: merged and unmerged logits differ by at most {report['merge']['max_abs_diff']:.2e}"
+        )
     write_json(tmp / "eval.json", report)
 
     if out.exists():

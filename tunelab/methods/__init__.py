@@ -1,9 +1,18 @@
-"""Fine-tuning methods: what trains, how it is saved and loaded.
+"""Fine-tuning methods: what trains, how it is saved, loaded and merged.
 
-Each module has `DEFAULT_LR`, `apply(model, config, task)`, `save(model, dir)` and
-`load(config, task, dir)`.
+Each module has `DEFAULT_LR`, `apply(model, config, task)` (marks what trains, returns the
+model to train), `save(model, dir)`, `load(config, task, dir)`, and `merge(model)` returning
+plain transformers weights (`merge = None` where the maths does not allow it).
 """
 
-from tunelab.methods import full, lora
+from tunelab.methods import adapter, freeze, full, ia3, lora, prefix, prompt
 
-METHODS = {"full": full, "lora": lora}
+METHODS = {
+    "full": full,
+    "freeze": freeze,
+    "lora": lora,
+    "adapter": adapter,
+    "prefix": prefix,
+    "prompt": prompt,
+    "ia3": ia3,
+}

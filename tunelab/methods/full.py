@@ -5,20 +5,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
+from torch import nn
 
 DEFAULT_LR = 1e-4
 
 
-def apply(model: torch.nn.Module, config: Any, task: Any) -> torch.nn.Module:
+def apply(model: nn.Module, config: Any, task: Any) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(True)
     return model
 
 
-def save(model: torch.nn.Module, out_dir: Path) -> None:
-    model.save_pretrained(out_dir, safe_serialization=True)
+def save(model: nn.Module, out_dir: Path) -> None:
+    model.save_pretrained(out_dir)
 
 
-def load(config: Any, task: Any, model_dir: Path) -> torch.nn.Module:
+def load(config: Any, task: Any, model_dir: Path) -> nn.Module:
     return task.build_model(str(model_dir))
+
+
+def merge(model: nn.Module) -> nn.Module:
+    return model  # already plain weights

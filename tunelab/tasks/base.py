@@ -19,9 +19,11 @@ class Splits:
 
 
 def encode_texts(tokenizer: Any, texts: list[str], pairs: list[str] | None, max_length: int) -> list[dict]:
-    """Tokenize without padding (batches are padded later, to their own longest row)."""
+    """Tokenize without padding (batches are padded later, to their own longest row).
+    Segment ids are kept only for text pairs: for one text they are all zero, which is what
+    models assume by default, and decoder-only models do not accept them."""
     enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
-    keys = [k for k in ("input_ids", "token_type_ids") if k in enc]
+    keys = [k for k in ("input_ids", "token_type_ids") if k in enc and (k == "input_ids" or pairs)]
     return [{k: enc[k][i] for k in keys} for i in range(len(texts))]
 
 

@@ -40,7 +40,10 @@ def sort_labels(names: set[str]) -> list[str]:
 class ClassificationTask:
     name = "classification"
     default_metric = "accuracy"
-    head_modules = ("classifier", "score")  # HF names of the freshly initialised head
+    # the task head: HF names of the fresh classifier, plus the pretrained pooler of BERT-style
+    # encoders, which feeds only the head and so trains with it
+    head_modules = ("classifier", "score", "pooler")
+    peft_task_type = "SEQ_CLS"
 
     def __init__(self, config: Config, labels: list[str] | None = None):
         self.config = config

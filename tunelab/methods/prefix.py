@@ -1,0 +1,31 @@
+"""Prefix tuning (Li & Liang, 2021, "Prefix-Tuning: Optimizing Continuous Prompts for
+Generation") via `peft`: trainable key/value vectors prepended in every attention layer.
+The task head trains in full and is saved with the prefix. Not mergeable."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from tunelab.methods.common import head_names, hidden_size, peft_apply, peft_load, peft_save
+
+DEFAULT_LR = 1e-2
+merge = None
+
+
+def peft_config(model: nn.Module, config: Any, task: Any) -> Any:
+    from peft import PrefixTuningConfig
+
+    return PrefixTuningConfig(
+        task_type=task.peft_task_type, num_virtual_tokens=config.prefix.num_virtual_tokens,
+        prefix_projection=config.prefix.projection, encoder_hidden_size=hidden_size(model),
+        modules_to_save=head_names(model, task),
+    )  # fmt: skip
+
+
+def apply(model: nn.Module, config: Any, task: Any) -> nn.Module:
+    return peft_apply(model, task, peft_config(model, config, task))
+
+
+save, load = peft_save, peft_load
