@@ -25,8 +25,8 @@ quickstart: install
 	$(VENV)/bin/tunelab predict runs/quickstart "The battery died within an hour and support never replied."
 
 lint: install
-	$(VENV)/bin/ruff check tunelab tests
-	$(VENV)/bin/ruff format --check tunelab tests
+	$(VENV)/bin/ruff check tunelab tests benchmarks scripts
+	$(VENV)/bin/ruff format --check tunelab tests benchmarks scripts
 
 test: lint
 	$(PY) -m pytest -q

@@ -19,12 +19,21 @@ NEGATIVE = ["bad", "awful", "poor", "dull", "grim", "sad", "dark", "cold"]
 FILLER = ["the", "movie", "was", "very", "a", "film", "plot", "and", "it", "really", "so", "acting"]
 
 
-def write_tiny_bert(folder: Path, layers: int = 2, hidden: int = 32, dropout: float = 0.1) -> Path:
+def write_tiny_bert(
+    folder: Path,
+    layers: int = 2,
+    hidden: int = 32,
+    dropout: float = 0.1,
+    extra_words: list[str] | None = None,
+) -> Path:
     """A random BERT with a WordPiece vocabulary of the words the test data uses."""
     from transformers import BertConfig, BertForMaskedLM, BertTokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + POSITIVE + NEGATIVE + FILLER
+    vocab = (
+        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + POSITIVE + NEGATIVE + FILLER + (extra_words or [])
+    )
+    vocab += [c for c in ".,!?" if c not in vocab]
     tokenizer = BertTokenizer(vocab={word: i for i, word in enumerate(vocab)})
     config = BertConfig(
         vocab_size=len(vocab),

@@ -72,6 +72,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def format_prediction(result: dict[str, Any]) -> str:
+    """One prediction as text: label (scores), labels (scores), a value, or entity lines."""
+    if "entities" in result:
+        return "\n".join(f"{e['text']}\t{e['type']}\t{e['start']}-{e['end']}\t{e['score']:.4f}"
+                         for e in result["entities"]) or "(no entities)"  # fmt: skip
+    if "value" in result:
+        return f"{result['value']:.6g}"
+    scores = ", ".join(f"{k} {v:.4f}" for k, v in result["probabilities"].items())
+    if "labels" in result:
+        return f"{','.join(result['labels']) or '(none)'}\t({scores})"
+    return f"{result['label']}\t({scores})"
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from tunelab.run import load
 
@@ -80,8 +93,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     run = load(args.run)
     if args.text is not None:
         for result in run.predict([args.text]):
-            scores = ", ".join(f"{k} {v:.4f}" for k, v in result["probabilities"].items())
-            print(f"{result['label']}\t({scores})")
+            print(format_prediction(result))
         return 0
     results = run.predict_file(args.file)
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
@@ -90,6 +102,30 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(f"tunelab: {len(results)} predictions written to {args.output}", file=sys.stderr)
     else:
         sys.stdout.write(lines)
+    return 0
+
+
+def cmd_augment(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from tunelab.augment import augment_table
+    from tunelab.config import load_config
+    from tunelab.data import write_rows
+    from tunelab.tasks import TASKS
+
+    config_path, overrides = None, list(args.overrides)
+    if overrides and "=" not in overrides[0]:
+        config_path = overrides.pop(0)
+    config = load_config(config_path, overrides)
+    if config.data.augment.method == "none":
+        config.data.augment = dataclasses.replace(config.data.augment, method="eda")
+    if not config.data.train:
+        raise TunelabError("set data.train=<file>: the training file to augment")
+    table = TASKS[config.task](config).read(config.data.train)
+    augmented = augment_table(table, config)
+    write_rows(args.output, augmented.rows, augmented.columns)
+    print(f"tunelab: {len(table)} rows + {len(augmented) - len(table)} augmented written to {args.output}",
+          file=sys.stderr)  # fmt: skip
     return 0
 
 
@@ -139,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file", help="CSV/TSV/JSON/JSONL/Parquet file with the training text column")
     p.add_argument("--output", help="write JSON lines here instead of standard output")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("augment", help="write the augmented training data to a file for inspection",
+                       description="tunelab augment [CONFIG.yaml] [key=value ...] --output FILE")  # fmt: skip
+    p.add_argument("overrides", nargs="*", metavar="CONFIG|key=value", help="as for train (data.augment.*)")
+    p.add_argument("--output", required=True, help="where to write: .csv, .tsv, .json or .jsonl")
+    p.set_defaults(func=cmd_augment)
     return parser
 
 
@@ -146,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # `train` overrides may come before or after flags: `train a=1 --overwrite b=2`.
     args, extra = parser.parse_known_args(argv)
-    if args.command == "train" and all("=" in e and not e.startswith("-") for e in extra):
+    if args.command in ("train", "augment") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

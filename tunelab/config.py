@@ -34,23 +34,43 @@ def doc(text: str, default: Any = None, **kw: Any) -> Any:
 
 
 @dataclass
+class AugmentConfig:
+    method: Literal["none", "eda"] = doc(
+        "Augment training rows: `eda` = random deletion/swap/insertion/synonym replacement.", "none"
+    )
+    factor: int = doc("Augmented copies per training row (the original is kept).", 2)
+    p_delete: float = doc("EDA: share of words deleted.", 0.1)
+    p_swap: float = doc("EDA: share of words swapped.", 0.1)
+    p_insert: float = doc("EDA: share of words inserted (synonyms of words in the text).", 0.1)
+    p_synonym: float = doc(
+        "EDA: share of words replaced by synonyms (the model's embedding neighbours).", 0.1
+    )
+
+
+@dataclass
 class DataConfig:
     train: str | None = doc("Training data file (CSV, TSV, JSON, JSONL or Parquet).")
     validation: str | None = doc(
         "Validation file; when empty, `validation_split` of train is held out (stratified)."
     )
     test: str | None = doc("Test file, evaluated once with the best model at the end.")
-    format: Literal["auto", "csv", "tsv", "json", "jsonl", "parquet"] = doc(
+    format: Literal["auto", "csv", "tsv", "json", "jsonl", "parquet", "conll"] = doc(
         "File format; `auto` picks it from the file extension.", "auto"
     )
     text_column: str = doc("Column holding the input text.", "text")
     text_pair_column: str | None = doc("Optional second text column (sentence pairs, NLI).")
-    label_column: str = doc("Column holding the label (string or integer).", "label")
+    label_column: str = doc("Column holding the label (string or integer; a number for regression).", "label")
+    label_columns: list[str] | None = doc("Multi-label: several 0/1 columns, one per label.")
+    label_separator: str = doc("Multi-label: separator of the labels in one text cell.", "|")
+    tokens_column: str = doc("Token classification (JSON/JSONL): column with the list of words.", "tokens")
+    tags_column: str = doc("Token classification (JSON/JSONL): column with the list of tags.", "tags")
     labels: list[str] | None = doc("Label names in order; default: sorted labels of the train file.")
     max_train_samples: int | None = doc("Use at most this many training rows (seeded shuffle).")
     max_eval_samples: int | None = doc("Use at most this many validation/test rows (seeded).")
     validation_split: float = doc("Share of train held out when no validation file is given.", 0.1)
     max_length: int = doc("Truncate inputs to this many tokens.", 128)
+    shots_per_class: int | None = doc("Few-shot: keep this many training rows per class (seeded).")
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass
@@ -79,6 +99,12 @@ class TrainConfig:
     log_steps: int = doc("Write training loss to metrics.jsonl every N optimizer steps.", 10)
     num_threads: int | None = doc("CPU threads for torch; default: torch's choice.")
     progress_bar: bool = doc("Show a progress bar with loss, throughput and ETA.", True)
+
+
+@dataclass
+class ClassificationConfig:
+    multi_label: bool = doc("Each row may carry any number of labels (a list, or separated text).", False)
+    threshold: float | None = doc("Multi-label decision threshold; null: tuned on validation.")
 
 
 @dataclass
@@ -129,7 +155,9 @@ class Ia3Config:
 @dataclass
 class Config:
     model: str = doc("Built-in name (minilm-l6), local folder, or hub id.", "minilm-l6")
-    task: Literal["classification"] = doc("What the model learns to do.", "classification")
+    task: Literal["classification", "regression", "token-classification"] = doc(
+        "What the model learns to do.", "classification"
+    )
     method: Literal["full", "freeze", "lora", "adapter", "prefix", "prompt", "ia3"] = doc(
         "What trains (see the README's method table).", "lora"
     )
@@ -137,6 +165,7 @@ class Config:
     seed: int = doc("Seed for data order, splits, initialisation and dropout.", 42)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    classification: ClassificationConfig = field(default_factory=ClassificationConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -331,6 +360,17 @@ def validate(config: Config) -> None:
         ("train.eval_steps", config.train.eval_steps is None or config.train.eval_steps >= 1, "must be >= 1"),
         ("data.validation_split", 0 < config.data.validation_split < 1, "must be in (0, 1)"),
         ("data.max_length", config.data.max_length >= 2, "must be >= 2"),
+        (
+            "data.shots_per_class",
+            config.data.shots_per_class is None or config.data.shots_per_class >= 1,
+            "must be >= 1",
+        ),
+        ("data.augment.factor", config.data.augment.factor >= 1, "must be >= 1"),
+        (
+            "classification.threshold",
+            config.classification.threshold is None or 0 < config.classification.threshold < 1,
+            "must be in (0, 1)",
+        ),
         (
             "data.max_train_samples",
             config.data.max_train_samples is None or config.data.max_train_samples >= 1,

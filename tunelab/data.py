@@ -252,3 +252,38 @@ def stratified_split(table: Table, keys: list[Any], share: float, seed: int) -> 
     held_set = set(held)
     rest = [i for i in range(len(table)) if i not in held_set]
     return table.subset(rest), table.subset(sorted(held))
+
+
+def shots(table: Table, keys: list[Any], per_key: int, seed: int) -> Table:
+    """Few-shot subset: `per_key` rows of every key (label), chosen by a seeded shuffle; keys
+    with fewer rows keep all they have."""
+    by_key: dict[Any, list[int]] = defaultdict(list)
+    for i, key in enumerate(keys):
+        by_key[key].append(i)
+    rng = random.Random(seed)
+    chosen: list[int] = []
+    for key in sorted(by_key, key=str):
+        idx = by_key[key]
+        rng.shuffle(idx)
+        chosen += idx[:per_key]
+    rng.shuffle(chosen)
+    return table.subset(chosen)
+
+
+def write_rows(path: str | Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
+    """Write rows as CSV, TSV, JSON or JSONL, picked by the extension (for inspection files)."""
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt in ("csv", "tsv"):
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, delimiter="\t" if fmt == "tsv" else ",",
+                                    extrasaction="ignore", quoting=csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL,
+                                    escapechar="\\" if fmt == "tsv" else None)  # fmt: skip
+            writer.writeheader()
+            writer.writerows(rows)
+    elif fmt == "jsonl":
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    elif fmt == "json":
+        path.write_text(json.dumps(rows, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    else:
+        raise DataError(f"{path}: write augmented data as .csv, .tsv, .json or .jsonl")

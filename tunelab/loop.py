@@ -82,21 +82,25 @@ def predict_logits(
     batch_size: int,
     device: torch.device,
     dtype: torch.dtype | None,
-) -> np.ndarray:
-    """Model outputs for `examples`, in their order; batches are length-sorted to cut padding."""
+) -> list[np.ndarray]:
+    """Model outputs for each example, in their order: a vector per example for sequence
+    tasks, a (tokens, labels) array for token tasks. Batches are length-sorted to cut padding."""
     was_training = model.training
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
-    chunks = []
+    out: list[np.ndarray] = [np.zeros(0)] * len(examples)
     for s in range(0, len(order), batch_size):
-        batch = collate([examples[i] for i in order[s : s + batch_size]], pad_id)
+        chunk = order[s : s + batch_size]
+        batch = collate([examples[i] for i in chunk], pad_id)
         batch.pop("labels", None)
         with autocast(device, dtype):
-            chunks.append(model(**to_device(batch, device)).logits.float().cpu())
+            logits = model(**to_device(batch, device)).logits.float().cpu().numpy()
+        # soft-prompt methods prepend virtual tokens: the real ones follow them
+        offset = logits.shape[1] - batch["input_ids"].shape[1] if logits.ndim == 3 else 0
+        for row, i in enumerate(chunk):
+            n = len(examples[i]["input_ids"])
+            out[i] = logits[row, offset : offset + n] if logits.ndim == 3 else logits[row]
     model.train(was_training)
-    logits = torch.cat(chunks).numpy() if chunks else np.zeros((0, 0), dtype=np.float32)
-    out = np.empty_like(logits)
-    out[order] = logits
     return out
 
 

@@ -59,3 +59,133 @@ def classification_metrics(y_true: Any, y_pred: Any, labels: list[str]) -> dict[
         },
         "confusion_matrix": {"labels": list(labels), "matrix": matrix.tolist()},
     }
+
+
+def multilabel_metrics(y_true: Any, y_pred: Any, labels: list[str], threshold: float) -> dict[str, Any]:
+    """Multi-label scores from boolean (examples, labels) matrices: micro- and macro-averaged
+    precision, recall and F1, subset accuracy (every label right), per-label scores."""
+    y_true, y_pred = np.asarray(y_true, dtype=bool), np.asarray(y_pred, dtype=bool)
+    tp = (y_true & y_pred).sum(axis=0).astype(np.float64)
+    predicted, support = y_pred.sum(axis=0), y_true.sum(axis=0)
+    precision, recall = _ratio(tp, predicted), _ratio(tp, support)
+    f1 = _ratio(2 * precision * recall, precision + recall)
+    micro_p, micro_r = float(_ratio(tp.sum(), predicted.sum())), float(_ratio(tp.sum(), support.sum()))
+    return {
+        "f1_micro": float(_ratio(2 * micro_p * micro_r, micro_p + micro_r)),
+        "precision_micro": micro_p,
+        "recall_micro": micro_r,
+        "f1_macro": float(f1.mean()) if len(labels) else 0.0,
+        "precision_macro": float(precision.mean()) if len(labels) else 0.0,
+        "recall_macro": float(recall.mean()) if len(labels) else 0.0,
+        "subset_accuracy": float((y_true == y_pred).all(axis=1).mean()) if len(y_true) else 0.0,
+        "threshold": threshold,
+        "num_examples": int(len(y_true)),
+        "per_class": {
+            name: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
+            for i, name in enumerate(labels)
+        },  # fmt: skip
+    }
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks starting at 1, ties given their average rank (as Spearman's rho needs)."""
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x), dtype=np.float64)
+    sorted_x = x[order]
+    start = 0
+    for end in range(1, len(x) + 1):
+        if end == len(x) or sorted_x[end] != sorted_x[start]:
+            ranks[order[start:end]] = (start + end + 1) / 2.0
+            start = end
+    return ranks
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    denominator = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / denominator) if denominator > 0 else 0.0
+
+
+def regression_metrics(y_true: Any, y_pred: Any) -> dict[str, Any]:
+    """MSE, MAE, R² (1 - SSE/SST), Pearson's r and Spearman's rho."""
+    y_true, y_pred = np.asarray(y_true, dtype=np.float64), np.asarray(y_pred, dtype=np.float64)
+    error = y_pred - y_true
+    total = ((y_true - y_true.mean()) ** 2).sum() if len(y_true) else 0.0
+    return {
+        "mse": float((error**2).mean()) if len(y_true) else 0.0,
+        "mae": float(np.abs(error).mean()) if len(y_true) else 0.0,
+        "r2": float(1.0 - (error**2).sum() / total) if total > 0 else 0.0,
+        "pearson": _pearson(y_true, y_pred) if len(y_true) > 1 else 0.0,
+        "spearman": _pearson(_ranks(y_true), _ranks(y_pred)) if len(y_true) > 1 else 0.0,
+        "num_examples": int(len(y_true)),
+    }
+
+
+def _split_tag(tag: str) -> tuple[str, str]:
+    if tag == "O" or not tag:
+        return "O", ""
+    if len(tag) > 1 and tag[1] in "-_" and tag[0] in "BIESLU":
+        prefix = {"L": "E", "U": "S"}.get(tag[0], tag[0])
+        return prefix, tag[2:]
+    return "I", tag  # a bare type counts as inside an entity of that type
+
+
+def get_entities(tags: list[str]) -> list[tuple[str, int, int]]:
+    """Entity chunks as (type, first word, last word) from BIO/IOB2/BIOES tags, following
+    conlleval's chunk rules (as seqeval does by default): an I- after O or after another type
+    starts a new entity."""
+    entities = []
+    prev_prefix, prev_type, begin = "O", "", 0
+    for i, tag in enumerate(list(tags) + ["O"]):
+        prefix, kind = _split_tag(tag)
+        ends = prev_prefix != "O" and (
+            prev_prefix in "ES" or (prev_prefix in "BI" and prefix in "BSO") or prev_type != kind
+        )
+        if ends:
+            entities.append((prev_type, begin, i - 1))
+        starts = prefix != "O" and (prefix in "BS" or prev_prefix in "ESO" or prev_type != kind)
+        if starts:
+            begin = i
+        prev_prefix, prev_type = prefix, kind
+    return entities
+
+
+def entity_metrics(truth: list[list[str]], predicted: list[list[str]]) -> dict[str, Any]:
+    """Entity-level precision, recall and F1 per type and micro/macro-averaged, where an entity
+    counts only if its type and both boundaries match (conlleval / seqeval default)."""
+    true_set, pred_set = set(), set()
+    for n, (t, p) in enumerate(zip(truth, predicted)):
+        true_set |= {(n, *e) for e in get_entities(t)}
+        pred_set |= {(n, *e) for e in get_entities(p)}
+    types = sorted({e[1] for e in true_set | pred_set})
+    per_type = {}
+    for kind in types:
+        tp = len({e for e in true_set & pred_set if e[1] == kind})
+        n_pred = sum(1 for e in pred_set if e[1] == kind)
+        n_true = sum(1 for e in true_set if e[1] == kind)
+        p, r = float(_ratio(tp, n_pred)), float(_ratio(tp, n_true))
+        per_type[kind] = {
+            "precision": p,
+            "recall": r,
+            "f1": float(_ratio(2 * p * r, p + r)),
+            "support": n_true,
+        }
+    tp = len(true_set & pred_set)
+    p, r = float(_ratio(tp, len(pred_set))), float(_ratio(tp, len(true_set)))
+    words = sum(len(t) for t in truth)
+    correct = sum(a == b for t, q in zip(truth, predicted) for a, b in zip(t, q))
+    return {
+        "f1_micro": float(_ratio(2 * p * r, p + r)),
+        "precision_micro": p,
+        "recall_micro": r,
+        "f1_macro": float(np.mean([s["f1"] for s in per_type.values()])) if per_type else 0.0,
+        "accuracy": float(_ratio(correct, words)),
+        "num_examples": len(truth),
+        "num_entities": len(true_set),
+        "per_class": per_type,
+    }

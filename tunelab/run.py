@@ -34,6 +34,7 @@ import torch
 
 from tunelab import __version__
 from tunelab.config import Config, load_config, save_config
+from tunelab.data import is_missing, read_table, require_columns
 from tunelab.errors import TunelabError
 from tunelab.loop import fit, peak_rss_mb, pick_device, predict_logits, resolve_precision
 from tunelab.methods import METHODS
@@ -141,7 +142,7 @@ class Run:
         model = METHODS[config.method].load(config, task, path / "model").to(pick_device()).eval()
         return cls(path, config, task, model, tokenizer)
 
-    def logits(self, examples: list[dict[str, Any]]) -> np.ndarray:
+    def logits(self, examples: list[dict[str, Any]]) -> list[np.ndarray]:
         return predict_logits(
             self.model,
             examples,
@@ -153,14 +154,26 @@ class Run:
         )
 
     def predict(self, texts: str | list[str], pairs: list[str] | None = None) -> list[dict[str, Any]]:
-        """Label and per-label probabilities for each text."""
+        """The task's prediction for each text: label and probabilities (classification),
+        labels (multi-label), value (regression), or entities with offsets (token tasks)."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         examples = self.task.encode_inputs(texts, self.tokenizer, pairs)
-        return self.task.predictions(self.logits(examples))
+        return self.task.predictions(self.logits(examples), examples)
 
     def predict_file(self, path: str | Path) -> list[dict[str, Any]]:
-        table = self.task.read(str(path), need_labels=False)
+        """Predictions for every row of a file's `data.text_column` (+ text pair column)."""
         d = self.config.data
+        table = read_table(path, "auto" if d.format == "conll" else d.format)
+        columns = [d.text_column] + ([d.text_pair_column] if d.text_pair_column else [])
+        require_columns(
+            table, columns, {d.text_column: "data.text_column", d.text_pair_column: "data.text_pair_column"}
+        )
+        for i, row in enumerate(table.rows):
+            for column in columns:
+                if is_missing(row.get(column)):
+                    raise TunelabError(
+                        f"{table.where(i)}: column '{column}' is empty; fill in the text or remove the row"
+                    )
         texts = [str(r[d.text_column]) for r in table.rows]
         pairs = [str(r[d.text_pair_column]) for r in table.rows] if d.text_pair_column else None
         return [{"text": t, **p} for t, p in zip(texts, self.predict(texts, pairs))]
@@ -203,13 +216,13 @@ def train(
     tokenizer = load_tokenizer(model_path)
     task = TASKS[config.task](config)
     splits = task.load_splits(tokenizer)
-    config.data.labels = list(task.labels)
+    config.data.labels = list(task.labels) if config.task != "regression" else None
     method = METHODS[config.method]
     lr = config.train.learning_rate or method.DEFAULT_LR
     say(
         f"data: {len(splits.train)} train, {len(splits.validation)} validation"
         + (f", {len(splits.test)} test" if splits.test else "")
-        + f"; labels: {', '.join(task.labels)}"
+        + (f"; labels: {', '.join(task.labels)}" if config.task != "regression" else "")
     )
 
     seed_everything(config.seed)
@@ -242,6 +255,12 @@ def train(
     rss = peak_rss_mb()
     run = Run(tmp, config, task, model, tokenizer)
     report: dict[str, Any] = {}
+    if splits.validation:
+        decided = task.calibrate(run.logits(splits.validation), splits.validation)
+        if decided:
+            report["calibration"] = decided
+            save_config(config, tmp / "config.yaml")
+            say(f"tuned on validation: {decided}")
     for split, examples in (("validation", splits.validation), ("test", splits.test)):
         if examples:
             report[split] = task.metrics(run.logits(examples), examples)

@@ -1,8 +1,10 @@
-"""Text classification (single-label): text (+ optional text pair) -> one of N labels.
+"""Text classification: text (+ optional text pair) -> one label, or a set of labels.
 
-Encoder or decoder models with a sequence-classification head (`AutoModelForSequenceClassification`),
-cross-entropy loss; accuracy, precision/recall/F1 (macro, micro, per class) and the confusion
-matrix.
+Single-label: cross-entropy; accuracy, precision/recall/F1 (macro, micro, per class) and the
+confusion matrix. Multi-label (`classification.multi_label`, a list-valued label column, or
+several 0/1 `data.label_columns`): binary cross-entropy per label; micro/macro F1, subset
+accuracy, with a decision threshold that is fixed by the user or tuned on validation.
+Models: any `AutoModelForSequenceClassification` (encoder or decoder).
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.config import Config
-from tunelab.data import Table, is_missing, read_table, require_columns, sample, stratified_split
+from tunelab.data import Table, is_missing, read_table, require_columns, sample, shots, stratified_split
 from tunelab.errors import DataError
-from tunelab.metrics import classification_metrics
+from tunelab.metrics import classification_metrics, multilabel_metrics
 from tunelab.tasks.base import Splits, collate_tokens, encode_texts
 
 
@@ -37,9 +39,14 @@ def sort_labels(names: set[str]) -> list[str]:
     return sorted(names)
 
 
+def _flag(value: Any) -> bool | None:
+    """A 0/1 cell of a multi-label column: True, False, or None when it is neither."""
+    text = label_name(value).lower()
+    return {"1": True, "true": True, "0": False, "false": False, "": False}.get(text)
+
+
 class ClassificationTask:
     name = "classification"
-    default_metric = "accuracy"
     # the task head: HF names of the fresh classifier, plus the pretrained pooler of BERT-style
     # encoders, which feeds only the head and so trains with it
     head_modules = ("classifier", "score", "pooler")
@@ -48,47 +55,87 @@ class ClassificationTask:
     def __init__(self, config: Config, labels: list[str] | None = None):
         self.config = config
         self.labels = labels or config.data.labels
+        self.multi_label = config.classification.multi_label or bool(config.data.label_columns)
+        self.default_metric = "f1_micro" if self.multi_label else "accuracy"
 
     # ----------------------------------------------------------------- data
     def _column_keys(self) -> dict[str, str]:
         d = self.config.data
-        keys = {d.text_column: "data.text_column", d.label_column: "data.label_column"}
+        keys = {d.text_column: "data.text_column"}
         if d.text_pair_column:
             keys[d.text_pair_column] = "data.text_pair_column"
+        for column in d.label_columns or [d.label_column]:
+            keys[column] = "data.label_columns" if d.label_columns else "data.label_column"
         return keys
+
+    def _text_columns(self) -> list[str]:
+        d = self.config.data
+        return [d.text_column] + ([d.text_pair_column] if d.text_pair_column else [])
 
     def read(self, path: str, need_labels: bool = True) -> Table:
         """Read and check a file: columns exist, texts non-empty, labels present."""
-        d = self.config.data
-        table = read_table(path, d.format)
+        table = read_table(path, self.config.data.format)
         keys = self._column_keys()
-        require_columns(table, [c for c in keys if need_labels or c != d.label_column], keys)
-        text_columns = [d.text_column] + ([d.text_pair_column] if d.text_pair_column else [])
+        require_columns(table, [c for c in keys if need_labels or c in self._text_columns()], keys)
         for i, row in enumerate(table.rows):
-            for column in text_columns:
+            for column in self._text_columns():
                 if is_missing(row.get(column)):
                     raise DataError(
                         f"{table.where(i)}: column '{column}' is empty; fill in the text or remove the row"
                     )
-            if need_labels and is_missing(row.get(d.label_column)):
+            if need_labels:
+                self.row_labels(table, i)  # raises on a missing or malformed label
+        return table
+
+    def row_labels(self, table: Table, i: int) -> list[str]:
+        """The label names of row i: one for single-label, any number for multi-label."""
+        d, row = self.config.data, table.rows[i]
+        if d.label_columns:
+            flags = {c: _flag(row.get(c)) for c in d.label_columns}
+            bad = [c for c, f in flags.items() if f is None]
+            if bad:
+                raise DataError(
+                    f"{table.where(i)}: column '{bad[0]}' must be 0 or 1, got {row.get(bad[0])!r}"
+                )
+            return [c for c, f in flags.items() if f]
+        value = row.get(d.label_column)
+        if not self.multi_label:
+            if is_missing(value):
                 raise DataError(
                     f"{table.where(i)}: column '{d.label_column}' has no label; fill it in or remove the row"
                 )
-        return table
+            return [label_name(value)]
+        if value is None or (isinstance(value, float) and np.isnan(value)):
+            raise DataError(
+                f"{table.where(i)}: column '{d.label_column}' has no labels; write an empty list "
+                f"[] (or an empty cell in CSV) for a row with none"
+            )
+        parts = value if isinstance(value, (list, tuple)) else str(value).split(d.label_separator)
+        return [name for name in (label_name(p) for p in parts) if name]
 
-    def label_ids(self, table: Table) -> list[int]:
-        """Map each row's label to its id; a label unseen in training is an error."""
+    def _all_labels(self, table: Table) -> list[list[str]]:
+        return [self.row_labels(table, i) for i in range(len(table))]
+
+    def label_ids(self, table: Table) -> list[Any]:
+        """Each row's label id (single-label) or multi-hot vector (multi-label); a label unseen
+        in training is an error."""
         index = {name: i for i, name in enumerate(self.labels)}
-        ids = []
-        for i, row in enumerate(table.rows):
-            name = label_name(row[self.config.data.label_column])
-            if name not in index:
-                raise DataError(
-                    f"{table.where(i)}: label '{name}' never appears in the training data "
-                    f"(known labels: {', '.join(self.labels)}); fix the label or add training examples"
-                )
-            ids.append(index[name])
-        return ids
+        out = []
+        for i, names in enumerate(self._all_labels(table)):
+            for name in names:
+                if name not in index:
+                    raise DataError(
+                        f"{table.where(i)}: label '{name}' never appears in the training data "
+                        f"(known labels: {', '.join(self.labels)}); fix the label or add training examples"
+                    )
+            if self.multi_label:
+                vector = [0.0] * len(self.labels)
+                for name in names:
+                    vector[index[name]] = 1.0
+                out.append(vector)
+            else:
+                out.append(index[names[0]])
+        return out
 
     def load_splits(self, tokenizer: Any) -> Splits:
         """Read train/validation/test per the config, fix the label set, tokenize."""
@@ -96,9 +143,11 @@ class ClassificationTask:
         if not d.train:
             raise DataError("no training data: set data.train=<file> (CSV, TSV, JSON, JSONL or Parquet)")
         train = self.read(d.train)
+        train_labels = self._all_labels(train)
         if self.labels is None:
-            self.labels = sort_labels({label_name(r[d.label_column]) for r in train.rows})
-        if len(self.labels) < 2:
+            self.labels = list(d.label_columns) if d.label_columns else sort_labels(
+                {name for names in train_labels for name in names})  # fmt: skip
+        if len(self.labels) < 2 and not self.multi_label and self.name == "classification":
             raise DataError(
                 f"{train.path}: column '{d.label_column}' has only one label "
                 f"({self.labels[0]}); classification needs at least two"
@@ -106,19 +155,33 @@ class ClassificationTask:
         if d.validation:
             validation = self.read(d.validation)
         else:
-            keys = [label_name(r[d.label_column]) for r in train.rows]
-            train, validation = stratified_split(train, keys, d.validation_split, seed)
+            train, validation = stratified_split(train, self.strata(train), d.validation_split, seed)
+        if d.shots_per_class:
+            train = shots(train, self.strata(train), d.shots_per_class, seed)
         train = sample(train, d.max_train_samples, seed)
         validation = sample(validation, d.max_eval_samples, seed)
         test = sample(self.read(d.test), d.max_eval_samples, seed) if d.test else None
         return Splits(
-            train=self.encode(train, tokenizer),
+            train=self.encode(self.augment(train), tokenizer),
             validation=self.encode(validation, tokenizer),
             test=self.encode(test, tokenizer) if test is not None else None,
             files={
                 k: v for k, v in (("train", d.train), ("validation", d.validation), ("test", d.test)) if v
             },
         )
+
+    def strata(self, table: Table) -> list[str]:
+        """What splits and few-shot sampling keep balanced: each row's label set."""
+        return ["|".join(sorted(names)) for names in self._all_labels(table)]
+
+    def augment(self, table: Table) -> Table:
+        """Training rows plus augmented copies when `data.augment.method` asks for them."""
+        options = self.config.data.augment
+        if options.method == "none":
+            return table
+        from tunelab.augment import augment_table
+
+        return augment_table(table, self.config)
 
     def encode(self, table: Table, tokenizer: Any, with_labels: bool = True) -> list[dict[str, Any]]:
         d = self.config.data
@@ -143,6 +206,7 @@ class ClassificationTask:
             num_labels=len(labels),
             id2label=dict(enumerate(labels)),
             label2id={name: i for i, name in enumerate(labels)},
+            problem_type="multi_label_classification" if self.multi_label else "single_label_classification",
         )
 
     collate = staticmethod(collate_tokens)
@@ -150,30 +214,63 @@ class ClassificationTask:
     @staticmethod
     def units(batch: dict[str, torch.Tensor]) -> int:
         """How many loss terms the batch adds: one per example."""
-        return batch["labels"].numel()
+        return batch["labels"].shape[0]
 
-    @staticmethod
-    def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Cross-entropy summed over the batch (the loop divides by the step's units)."""
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed over the batch (the loop divides by the step's units): cross-entropy, or for
+        multi-label the per-label binary cross-entropy averaged over labels."""
         labels = batch.pop("labels")
-        logits = model(**batch).logits
-        return F.cross_entropy(logits.float(), labels, reduction="sum")
+        logits = model(**batch).logits.float()
+        if self.multi_label:
+            return F.binary_cross_entropy_with_logits(logits, labels, reduction="sum") / labels.shape[1]
+        return F.cross_entropy(logits, labels, reduction="sum")
 
     # ----------------------------------------------------------------- outputs
-    def metrics(self, logits: np.ndarray, examples: list[dict[str, Any]]) -> dict[str, Any]:
+    @property
+    def threshold(self) -> float:
+        value = self.config.classification.threshold
+        return 0.5 if value is None else value
+
+    def metrics(self, outputs: list[np.ndarray], examples: list[dict[str, Any]]) -> dict[str, Any]:
+        logits = np.stack(outputs)
+        if self.multi_label:
+            y_true = np.array([e["labels"] for e in examples], dtype=bool)
+            return multilabel_metrics(y_true, _sigmoid(logits) >= self.threshold, self.labels or [],
+                                      self.threshold)  # fmt: skip
         y_true = np.array([e["labels"] for e in examples])
         return classification_metrics(y_true, logits.argmax(-1), self.labels or [])
 
-    def predictions(self, logits: np.ndarray) -> list[dict[str, Any]]:
+    def calibrate(self, outputs: list[np.ndarray], examples: list[dict[str, Any]]) -> dict[str, Any]:
+        """After training, tune the multi-label threshold on validation (micro-F1) unless the
+        user fixed it; returns what was decided (saved in the run's config)."""
+        if not self.multi_label or self.config.classification.threshold is not None or not examples:
+            return {}
+        probs = _sigmoid(np.stack(outputs))
+        y_true = np.array([e["labels"] for e in examples], dtype=bool)
+        grid = np.round(np.arange(0.05, 0.951, 0.05), 2)
+        scores = [
+            multilabel_metrics(y_true, probs >= t, self.labels or [], float(t))["f1_micro"] for t in grid
+        ]
+        self.config.classification.threshold = float(grid[int(np.argmax(scores))])
+        return {"threshold": self.config.classification.threshold, "validation_f1_micro": max(scores)}
+
+    def predictions(self, outputs: list[np.ndarray], examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        logits = np.stack(outputs)
+        if self.multi_label:
+            probs = _sigmoid(logits)
+            return [
+                {"labels": [n for n, p in zip(self.labels, row) if p >= self.threshold],
+                 "probabilities": {n: float(p) for n, p in zip(self.labels, row)}}
+                for row in probs
+            ]  # fmt: skip
         probs = torch.softmax(torch.from_numpy(logits).float(), dim=-1).numpy()
         out = []
         for row in probs:
             best = int(row.argmax())
-            out.append(
-                {
-                    "label": self.labels[best],
-                    "score": float(row[best]),
-                    "probabilities": {name: float(p) for name, p in zip(self.labels, row)},
-                }
-            )
+            out.append({"label": self.labels[best], "score": float(row[best]),
+                        "probabilities": {name: float(p) for name, p in zip(self.labels, row)}})  # fmt: skip
         return out
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
