@@ -50,7 +50,8 @@ def test_train_writes_a_complete_run_directory(trained_run):
         "model",
         "eval.json",
     }
-    assert not list(out.parent.glob(".run.partial-*")), "the temporary directory must be renamed away"
+    assert not (out.parent / ".run.partial").exists(), "the temporary directory must be renamed away"
+    assert not (out / "checkpoints").exists(), "a finished run keeps no resume state"
     report = json.loads((out / "eval.json").read_text())
     for split in ("validation", "test"):
         metrics = report[split]
@@ -157,7 +158,7 @@ def test_bad_data_is_reported_before_anything_is_written(tiny_bert, tmp_path, ca
     err = capsys.readouterr().err
     assert code == 2
     assert "no column 'text'" in err and "review, label" in err and "data.text_column" in err
-    assert not (tmp_path / "run").exists() and not list(tmp_path.glob(".run.partial-*"))
+    assert not (tmp_path / "run").exists() and not (tmp_path / ".run.partial").exists()
 
 
 def test_python_api_mirrors_the_cli(tiny_bert, sentiment_files, tmp_path):
@@ -186,7 +187,7 @@ def test_overrides_may_follow_flags(monkeypatch):
     monkeypatch.setattr(
         tunelab.run,
         "train",
-        lambda config, overrides, overwrite: seen.update(
+        lambda config, overrides, overwrite, resume: seen.update(
             config=config, overrides=overrides, overwrite=overwrite
         ),
     )

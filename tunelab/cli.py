@@ -12,16 +12,24 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tunelab.errors import TunelabError
+from tunelab.errors import Interrupted, TunelabError
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.nproc and args.nproc > 1:
+        from tunelab.dist import launch
+
+        argv = list(sys.argv[1:]) if args.argv is None else list(args.argv)
+        index = argv.index("--nproc")
+        return launch(args.nproc, argv[:index] + argv[index + 2 :])
     from tunelab.run import train
 
     config, overrides = None, list(args.overrides)
     if overrides and "=" not in overrides[0]:
         config = overrides.pop(0)
-    train(config, overrides=overrides, overwrite=args.overwrite)
+    if args.resume and (config or overrides):
+        raise TunelabError("--resume RUN continues with the run's saved config; give no config or overrides")
+    train(config, overrides=overrides, overwrite=args.overwrite, resume=args.resume)
     return 0
 
 
@@ -161,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="a YAML config file (optional, first), then overrides like train.epochs=1",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
+    p.add_argument("--resume", metavar="RUN", help="continue an unfinished run from its latest checkpoint")
+    p.add_argument("--nproc", type=int, metavar="N", help="train with N processes on this machine (torchrun)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a run (its saved report, or on a labelled file)")
@@ -188,12 +198,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # `train` overrides may come before or after flags: `train a=1 --overwrite b=2`.
     args, extra = parser.parse_known_args(argv)
+    args.argv = argv
     if args.command in ("train", "augment") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
+    except Interrupted as e:
+        print(f"tunelab: {e}", file=sys.stderr)
+        return 130
     except TunelabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

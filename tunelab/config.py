@@ -98,6 +98,14 @@ class TrainConfig:
     )
     log_steps: int = doc("Write training loss to metrics.jsonl every N optimizer steps.", 10)
     num_threads: int | None = doc("CPU threads for torch; default: torch's choice.")
+    checkpoint_steps: int | None = doc(
+        "Save a resumable checkpoint every N steps (and at each epoch end); null: epoch ends only.", 500
+    )
+    keep_checkpoints: int = doc("How many checkpoints to keep while training (they go when it ends).", 2)
+    deterministic: bool = doc("Use PyTorch's deterministic algorithms only (slower on some GPUs).", False)
+    resume: Literal["never", "auto"] = doc(
+        "`auto`: continue from the latest checkpoint of an unfinished run in output_dir.", "never"
+    )
     progress_bar: bool = doc("Show a progress bar with loss, throughput and ETA.", True)
 
 
@@ -358,6 +366,12 @@ def validate(config: Config) -> None:
         ("train.max_steps", config.train.max_steps is None or config.train.max_steps >= 1, "must be >= 1"),
         ("train.log_steps", config.train.log_steps >= 1, "must be >= 1"),
         ("train.eval_steps", config.train.eval_steps is None or config.train.eval_steps >= 1, "must be >= 1"),
+        (
+            "train.checkpoint_steps",
+            config.train.checkpoint_steps is None or config.train.checkpoint_steps >= 1,
+            "must be >= 1",
+        ),
+        ("train.keep_checkpoints", config.train.keep_checkpoints >= 1, "must be >= 1"),
         ("data.validation_split", 0 < config.data.validation_split < 1, "must be in (0, 1)"),
         ("data.max_length", config.data.max_length >= 2, "must be >= 2"),
         (

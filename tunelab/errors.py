@@ -15,3 +15,7 @@ class ConfigError(TunelabError):
 
 class DataError(TunelabError):
     """A data file that is missing, empty, malformed, or lacks a needed column or value."""
+
+
+class Interrupted(TunelabError):
+    """Training stopped on SIGTERM/SIGINT after saving a checkpoint."""

@@ -7,20 +7,26 @@ Tasks supply the loss and metrics; methods decide which parameters train.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import resource
+import signal
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from tunelab.checkpoint import load_checkpoint, save_checkpoint
 from tunelab.config import Config
-from tunelab.errors import ConfigError
+from tunelab.dist import Dist, all_reduce_sum, broadcast_flag
+from tunelab.errors import ConfigError, Interrupted
 
 
 def pick_device() -> torch.device:
@@ -140,6 +146,8 @@ def peak_rss_mb() -> float:
 
 @dataclass
 class FitResult:
+    """Progress and outcome of `fit`; also the resumable counters saved in checkpoints."""
+
     steps: int = 0
     epochs: float = 0.0
     runtime_s: float = 0.0
@@ -148,6 +156,10 @@ class FitResult:
     best_metric: float | None = None
     best_step: int | None = None
     stopped_early: bool = False
+    epoch_index: int = 0  # epochs begun
+    step_in_epoch: int = 0  # optimizer steps done inside the current epoch
+    evals_without_gain: int = 0
+    last_eval_step: int = -1
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -166,9 +178,27 @@ def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _micro_batches(batches: list[list[int]], accumulation: int) -> Iterator[list[list[int]]]:
-    for s in range(0, len(batches), accumulation):
-        yield batches[s : s + accumulation]
+class _StopSignal:
+    """Turns SIGTERM/SIGINT into a flag the loop checks after each step (main thread only)."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def fit(
@@ -181,12 +211,20 @@ def fit(
     pad_id: int,
     log: Callable[[dict[str, Any]], None],
     device: torch.device | None = None,
+    checkpoint_dir: Path | None = None,
+    resume_from: Path | None = None,
+    dist: Dist | None = None,
 ) -> FitResult:
     """Train `model` in place on `train`; keep the weights that scored best on `validation`.
 
     `log` receives one dict per logging or evaluation step (the metrics.jsonl lines).
+    With `checkpoint_dir`, resumable checkpoints are written every `train.checkpoint_steps`
+    steps, at each epoch end and on SIGTERM/SIGINT (then `Interrupted` is raised);
+    `resume_from` continues exactly from one. Under torchrun (`dist`), each process trains on
+    its share of every global batch and only rank 0 evaluates.
     """
     tc = config.train
+    dist = dist or Dist()
     device = device or pick_device()
     dtype = resolve_precision(tc.precision, device)
     metric = task.default_metric if tc.metric_for_best == "auto" else tc.metric_for_best
@@ -195,119 +233,187 @@ def fit(
     torch.manual_seed(config.seed)
     lengths = [len(e["input_ids"]) for e in train]
 
-    steps_per_epoch = math.ceil(math.ceil(len(train) / tc.batch_size) / tc.gradient_accumulation)
+    # a global batch is batch_size x world size examples; each process takes its share
+    global_batch = tc.batch_size * dist.world
+    steps_per_epoch = math.ceil(math.ceil(len(train) / global_batch) / tc.gradient_accumulation)
     total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
+    model.to(device)
     optimizer = make_optimizer(model, config, lr)
     schedule = make_schedule(optimizer, tc.schedule, math.ceil(tc.warmup_ratio * total_steps), total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    evaluated = model  # evaluation and checkpoints see the model itself, not the DDP wrapper
+    if dist.active:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
 
     result = FitResult()
     best_state: dict[str, torch.Tensor] | None = None
-    evals_without_gain = 0
-    last_eval_step = -1
-    running_loss, running_units, window_samples, window_start = 0.0, 0, 0, time.perf_counter()
-    progress = _progress(total_steps, tc.progress_bar)
+    epoch_rng_state = rng.getstate()
+    if resume_from is not None:
+        state, best_state = load_checkpoint(resume_from, evaluated, optimizer, schedule, scaler, rng)
+        result = FitResult(**state["result"])
+        epoch_rng_state = rng.getstate()
+    running_loss, running_units, window_samples, window_start = 0.0, 0.0, 0, time.perf_counter()
+    progress = _progress(total_steps, tc.progress_bar and dist.is_main, initial=result.steps)
 
     def evaluate(epoch: float) -> bool:
-        """Validation metrics at this point; returns True when training should stop."""
-        nonlocal best_state, evals_without_gain, last_eval_step
-        last_eval_step = result.steps
-        if not validation:
-            return False
-        logits = predict_logits(model, validation, task.collate, pad_id, tc.eval_batch_size, device, dtype)
-        scores = task.metrics(logits, validation)
-        if metric not in scores:
-            raise ConfigError(
-                f"train.metric_for_best: '{metric}' is not a {task.name} metric; "
-                f"choose one of: {', '.join(k for k, v in scores.items() if isinstance(v, float))}"
+        """Validation metrics at this point (rank 0); returns True when training should stop."""
+        nonlocal best_state
+        result.last_eval_step = result.steps
+        stop = False
+        if validation and dist.is_main:
+            logits = predict_logits(
+                evaluated, validation, task.collate, pad_id, tc.eval_batch_size, device, dtype
             )
-        flat = {k: v for k, v in scores.items() if isinstance(v, (int, float))}
-        log({"step": result.steps, "epoch": round(epoch, 4), "split": "validation", **flat})
-        value = scores[metric]
-        better = result.best_metric is None or (
-            value < result.best_metric if lower_is_better else value > result.best_metric
-        )
-        if better:
-            result.best_metric, result.best_step = value, result.steps
-            best_state, evals_without_gain = _trainable_state(model), 0
-        else:
-            evals_without_gain += 1
-        progress.set_postfix_str(f"{metric}={value:.4f} best={result.best_metric:.4f}", refresh=False)
-        patience = tc.early_stopping_patience
-        return patience is not None and evals_without_gain >= patience
+            scores = task.metrics(logits, validation)
+            if metric not in scores:
+                raise ConfigError(
+                    f"train.metric_for_best: '{metric}' is not a {task.name} metric; "
+                    f"choose one of: {', '.join(k for k, v in scores.items() if isinstance(v, float))}"
+                )
+            flat = {k: v for k, v in scores.items() if isinstance(v, (int, float))}
+            log({"step": result.steps, "epoch": round(epoch, 4), "split": "validation", **flat})
+            value = scores[metric]
+            better = result.best_metric is None or (
+                value < result.best_metric if lower_is_better else value > result.best_metric
+            )
+            if better:
+                result.best_metric, result.best_step = value, result.steps
+                best_state, result.evals_without_gain = _trainable_state(evaluated), 0
+            else:
+                result.evals_without_gain += 1
+            progress.set_postfix_str(f"{metric}={value:.4f} best={result.best_metric:.4f}", refresh=False)
+            patience = tc.early_stopping_patience
+            stop = patience is not None and result.evals_without_gain >= patience
+        return broadcast_flag(stop, dist)
 
-    model.to(device).train()
-    start = time.perf_counter()
-    stop = False
-    epoch = 0
-    while not stop:
-        batches = length_batches(lengths, tc.batch_size, rng, tc.length_bucketing)
-        for group in _micro_batches(batches, tc.gradient_accumulation):
-            # Normalise by the examples (or tokens) of the whole accumulated step, so that
-            # accumulation 4 x batch 1 gives the same update as batch 4.
-            collated = [task.collate([train[i] for i in idx], pad_id) for idx in group]
-            units = sum(task.units(b) for b in collated)
-            for batch in collated:
-                with autocast(device, dtype):
-                    loss_sum = task.loss(model, to_device(batch, device))
-                scaler.scale(loss_sum / units).backward()
-                running_loss += loss_sum.item()
-            if tc.max_grad_norm is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(trainable, tc.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
+    def checkpoint() -> Path | None:
+        if checkpoint_dir is None or not dist.is_main:
+            return None
+        state = {"result": dataclasses.asdict(result)}
+        # the data-order RNG is saved as it was at the start of the epoch: resuming replays
+        # that epoch's batch order and skips the steps already done
+        current = rng.getstate()
+        rng.setstate(epoch_rng_state if result.step_in_epoch else current)
+        try:
+            return save_checkpoint(checkpoint_dir, evaluated, optimizer, schedule, scaler, state, rng,
+                                   best_state, tc.keep_checkpoints)  # fmt: skip
+        finally:
+            rng.setstate(current)
 
-            result.steps += 1
-            running_units += units
-            n_samples = sum(len(idx) for idx in group)
-            result.samples += n_samples
-            window_samples += n_samples
-            result.tokens += sum(lengths[i] for idx in group for i in idx)
-            progress.update(1)
-            epoch_pos = epoch + min(1.0, (result.steps - epoch * steps_per_epoch) / steps_per_epoch)
-            if result.steps % tc.log_steps == 0 or result.steps == total_steps:
-                now = time.perf_counter()
-                entry = {
-                    "step": result.steps,
-                    "epoch": round(epoch_pos, 4),
-                    "loss": running_loss / max(running_units, 1),
-                    "lr": schedule.get_last_lr()[0],
-                    "samples_per_s": round(window_samples / max(now - window_start, 1e-9), 2),
-                }
-                log(entry)
-                progress.set_description(f"loss {entry['loss']:.4f}", refresh=False)
-                running_loss, running_units, window_samples, window_start = 0.0, 0, 0, now
-            if tc.eval_steps and result.steps % tc.eval_steps == 0 and result.steps < total_steps:
-                stop = evaluate(epoch_pos)
-            if stop or result.steps >= total_steps:
-                stop = True
-                break
-        epoch += 1
-        result.epochs = min(result.steps / steps_per_epoch, epoch)
-        if (tc.eval_each_epoch or result.steps >= total_steps) and last_eval_step != result.steps:
-            stop = evaluate(result.epochs) or stop
-        result.stopped_early = stop and result.steps < total_steps
+    model.train()
+    start = time.perf_counter() - result.runtime_s
+    stop = result.steps >= total_steps
+    with _StopSignal() as signals:
+        while not stop:
+            epoch_rng_state = rng.getstate()
+            batches = length_batches(lengths, global_batch, rng, tc.length_bucketing)
+            groups = [
+                batches[s : s + tc.gradient_accumulation]
+                for s in range(0, len(batches), tc.gradient_accumulation)
+            ]
+            for group in groups[result.step_in_epoch :]:
+                # Normalise by the examples (or tokens) of the whole accumulated global step,
+                # so that accumulation 4 x batch 1, or 2 processes x batch 8, give the same
+                # update as one batch of 16.
+                mine = [share(idx, dist) for idx in group]
+                collated = [task.collate([train[i] for i in idx], pad_id) for idx in mine if idx]
+                units = all_reduce_sum([float(sum(task.units(b) for b in collated))], dist)[0]
+                for n, batch in enumerate(collated):
+                    sync = n == len(collated) - 1 or not dist.active
+                    with nullcontext() if sync else model.no_sync(), autocast(device, dtype):
+                        loss_sum = task.loss(model, to_device(batch, device))
+                    # DDP averages gradients over processes: scale back up to a global sum
+                    scaler.scale(loss_sum * dist.world / units).backward()
+                    running_loss += loss_sum.item()
+                if tc.max_grad_norm is not None:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(trainable, tc.max_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+
+                result.steps += 1
+                result.step_in_epoch += 1
+                running_units += units
+                n_samples = sum(len(idx) for idx in group)
+                result.samples += n_samples
+                window_samples += n_samples
+                result.tokens += sum(lengths[i] for idx in group for i in idx)
+                progress.update(1)
+                epoch_pos = result.epoch_index + min(1.0, result.step_in_epoch / steps_per_epoch)
+                if result.steps % tc.log_steps == 0 or result.steps == total_steps:
+                    running_loss = all_reduce_sum([running_loss], dist)[0]
+                    now = time.perf_counter()
+                    entry = {
+                        "step": result.steps,
+                        "epoch": round(epoch_pos, 4),
+                        "loss": running_loss / max(running_units, 1),
+                        "lr": schedule.get_last_lr()[0],
+                        "samples_per_s": round(window_samples / max(now - window_start, 1e-9), 2),
+                    }
+                    if dist.is_main:
+                        log(entry)
+                    progress.set_description(f"loss {entry['loss']:.4f}", refresh=False)
+                    running_loss, running_units, window_samples, window_start = 0.0, 0.0, 0, now
+                if tc.eval_steps and result.steps % tc.eval_steps == 0 and result.steps < total_steps:
+                    stop = evaluate(epoch_pos)
+                result.runtime_s = time.perf_counter() - start
+                if (
+                    tc.checkpoint_steps
+                    and result.steps % tc.checkpoint_steps == 0
+                    and result.steps < total_steps
+                ):
+                    checkpoint()
+                if broadcast_flag(signals.received is not None, dist):
+                    saved = checkpoint()
+                    progress.close()
+                    raise Interrupted(f"stopped at step {result.steps}"
+                                      + (f"; checkpoint saved in {saved}" if saved else ""))  # fmt: skip
+                if stop or result.steps >= total_steps:
+                    stop = True
+                    break
+            else:
+                result.epoch_index += 1
+                result.step_in_epoch = 0
+            result.epochs = min(
+                result.steps / steps_per_epoch, result.epoch_index + (result.step_in_epoch > 0)
+            )
+            finished_epoch = result.step_in_epoch == 0
+            if (tc.eval_each_epoch and finished_epoch or stop) and result.last_eval_step != result.steps:
+                stop = evaluate(result.epochs) or stop
+            result.stopped_early = stop and result.steps < total_steps
+            result.runtime_s = time.perf_counter() - start
+            if finished_epoch and not stop:
+                checkpoint()
     progress.close()
     result.runtime_s = time.perf_counter() - start
     if best_state is not None:
         with torch.no_grad():
-            params = dict(model.named_parameters())
+            params = dict(evaluated.named_parameters())
             for name, value in best_state.items():
                 params[name].copy_(value)
     return result
 
 
-def _progress(total: int, enabled: bool) -> Any:
+def share(indices: list[int], dist: Dist) -> list[int]:
+    """This process's contiguous, near-equal share of a global batch."""
+    if not dist.active:
+        return indices
+    size, extra = divmod(len(indices), dist.world)
+    start = dist.rank * size + min(dist.rank, extra)
+    return indices[start : start + size + (dist.rank < extra)]
+
+
+def _progress(total: int, enabled: bool, initial: int = 0) -> Any:
     import sys
 
     from tqdm.auto import tqdm
 
     # In a log file (not a terminal) redraw rarely instead of writing a line per refresh.
     interval = 0.1 if sys.stderr.isatty() else 30.0
-    return tqdm(
-        total=total, disable=not enabled, unit="step", dynamic_ncols=True, leave=True, mininterval=interval
-    )
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, leave=True,
+                mininterval=interval)  # fmt: skip

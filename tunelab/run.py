@@ -26,6 +26,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +35,11 @@ import numpy as np
 import torch
 
 from tunelab import __version__
-from tunelab.config import Config, load_config, save_config
+from tunelab.checkpoint import latest_checkpoint
+from tunelab.config import Config, load_config, save_config, to_dict
 from tunelab.data import is_missing, read_table, require_columns
-from tunelab.errors import TunelabError
+from tunelab.dist import device_for, init_distributed, shutdown
+from tunelab.errors import Interrupted, TunelabError
 from tunelab.loop import fit, peak_rss_mb, pick_device, predict_logits, resolve_precision
 from tunelab.methods import METHODS
 from tunelab.models import count_params, load_tokenizer, quiet_transformers, resolve_model
@@ -131,9 +135,8 @@ class Run:
         path = Path(path)
         if not (path / "config.yaml").is_file() or not (path / "model").is_dir():
             hint = ""
-            if path.parent.is_dir():
-                partial = sorted(p.name for p in path.parent.glob(f".{path.name}.partial-*"))
-                hint = f" (an unfinished attempt exists: {partial[0]})" if partial else ""
+            if partial_dir(path).exists():
+                hint = f" (an unfinished attempt exists: {partial_dir(path)}; tunelab train --resume {path})"
             raise TunelabError(f"{path} is not a finished tunelab run: it needs config.yaml and model/{hint}")
         quiet_transformers()
         config = load_config(path / "config.yaml")
@@ -184,31 +187,83 @@ class Run:
         return self.task.metrics(self.logits(examples), examples)
 
 
+def partial_dir(out: Path) -> Path:
+    """Where a run lives until it is complete: a hidden sibling of its final folder."""
+    return out.parent / f".{out.name}.partial"
+
+
+def _same_settings(a: Config, b: Config) -> bool:
+    """Whether two configs describe the same training (ignoring how it is displayed/resumed)."""
+    strip = {"progress_bar", "resume", "num_threads"}
+    da, db = to_dict(a), to_dict(b)
+    for d in (da, db):
+        d["train"] = {k: v for k, v in d["train"].items() if k not in strip}
+        d["data"]["labels"] = None
+    return da == db
+
+
+def resume_point(config: Config, out: Path, resume: bool, overwrite: bool) -> tuple[Config, Path | None]:
+    """Decide between a fresh start and resuming an unfinished run; returns the config to use
+    (a resumed run keeps its saved one) and the checkpoint to resume from, if any.
+
+    Raises TunelabError when a finished or unfinished run is in the way and nothing was said."""
+    partial = partial_dir(out)
+    if overwrite:
+        shutil.rmtree(partial, ignore_errors=True)
+        return config, None
+    if out.exists():
+        raise TunelabError(f"{out} already exists; choose another output_dir=... or pass --overwrite "
+                           f"(overwrite=True in Python) to replace it")  # fmt: skip
+    latest = latest_checkpoint(partial / "checkpoints")
+    if not partial.exists():
+        if resume and config.train.resume != "auto":
+            raise TunelabError(f"nothing to resume: no unfinished run at {out}")
+        return config, None
+    if not (resume or config.train.resume == "auto") or latest is None:
+        where = f" (latest checkpoint: {latest.name})" if latest else " (no checkpoint yet)"
+        hint = f"resume it with: tunelab train --resume {out}; or " if latest else ""
+        raise TunelabError(f"an unfinished run is in the way at {partial}{where}; {hint}"
+                           f"pass --overwrite to start over")  # fmt: skip
+    saved = load_config(partial / "config.yaml")
+    if not resume and not _same_settings(saved, config):
+        raise TunelabError(f"train.resume=auto: the unfinished run at {partial} was started with other "
+                           f"settings ({partial / 'config.yaml'}); pass --overwrite to start over")  # fmt: skip
+    saved.train.progress_bar = config.train.progress_bar
+    return saved, latest
+
+
 def train(
     config: Config | str | Path | None = None,
     *,
     overrides: list[str] | None = None,
     overwrite: bool = False,
+    resume: str | Path | None = None,
     **kwargs: Any,
 ) -> Run:
     """Fine-tune per the config and write the run directory; return the loaded best model.
 
     `config` is a Config, a YAML path, or None; `overrides` are `key=value` strings and
-    kwargs follow `load_config`. Raises TunelabError for bad config or data.
+    kwargs follow `load_config`. `resume` names an unfinished run to continue from its latest
+    checkpoint (its saved config is used). Raises TunelabError for bad config or data, and
+    `Interrupted` when stopped by a signal (after saving a checkpoint).
     """
-    if not isinstance(config, Config):
+    if resume is not None:
+        config = load_config(partial_dir(Path(resume)) / "config.yaml") if partial_dir(Path(resume)).exists() \
+            else load_config(overrides=[f"output_dir={resume}"])  # fmt: skip
+        config.output_dir = str(resume)
+    elif not isinstance(config, Config):
         config = load_config(config, overrides, **kwargs)
     elif overrides or kwargs:
         raise TypeError("pass overrides/kwargs with a YAML path, not with a built Config")
     config = dataclasses.replace(config, output_dir=config.output_dir or default_output_dir(config))
     out = Path(config.output_dir)
-    if out.exists() and not overwrite:
-        raise TunelabError(
-            f"{out} already exists; choose another output_dir=... or pass --overwrite "
-            f"(overwrite=True in Python) to replace it"
-        )
+    dist = init_distributed()
+    config, checkpoint = resume_point(config, out, resume is not None, overwrite)
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
+    if config.train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     quiet_transformers()
     seed_everything(config.seed)
 
@@ -219,11 +274,10 @@ def train(
     config.data.labels = list(task.labels) if config.task != "regression" else None
     method = METHODS[config.method]
     lr = config.train.learning_rate or method.DEFAULT_LR
-    say(
-        f"data: {len(splits.train)} train, {len(splits.validation)} validation"
-        + (f", {len(splits.test)} test" if splits.test else "")
-        + (f"; labels: {', '.join(task.labels)}" if config.task != "regression" else "")
-    )
+    speak = say if dist.is_main else (lambda message: None)
+    speak(f"data: {len(splits.train)} train, {len(splits.validation)} validation"
+          + (f", {len(splits.test)} test" if splits.test else "")
+          + (f"; labels: {', '.join(task.labels)}" if config.task != "regression" else ""))  # fmt: skip
 
     seed_everything(config.seed)
     model = task.build_model(model_path)
@@ -231,28 +285,59 @@ def train(
         model.config.pad_token_id = tokenizer.pad_token_id
     model = method.apply(model, config, task)
     trainable, total = count_params(model)
-    say(
-        f"model {config.model}, method {config.method}: trainable params: {trainable:,} / {total:,} "
-        f"({100 * trainable / total:.2f}%), lr {lr:g}"
-    )
+    speak(f"model {config.model}, method {config.method}: trainable params: {trainable:,} / {total:,} "
+          f"({100 * trainable / total:.2f}%), lr {lr:g}"
+          + (f"; {dist.world} processes" if dist.active else "")
+          + (f"; resuming from {checkpoint.name}" if checkpoint else ""))  # fmt: skip
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_config(config, tmp / "config.yaml")
-    device = pick_device()
-    write_json(tmp / "env.json", environment(config, device, splits.files))
-    with open(tmp / "metrics.jsonl", "w") as metrics_file:
+    tmp = partial_dir(out)
+    device = device_for(dist) if dist.active else pick_device()
+    if dist.is_main:
+        tmp.mkdir(parents=True, exist_ok=True)
+        save_config(config, tmp / "config.yaml")
+        write_json(tmp / "env.json", environment(config, device, splits.files))
+    done = json.loads((checkpoint / "state.json").read_text())["result"]["steps"] if checkpoint else 0
+    try:
+        with metrics_log(tmp / "metrics.jsonl", keep_until=done, enabled=dist.is_main) as log:
+            result = fit(model, task, splits.train, splits.validation, config, lr, tokenizer.pad_token_id, log,
+                         device, checkpoint_dir=tmp / "checkpoints", resume_from=checkpoint, dist=dist)  # fmt: skip
+    except Interrupted as e:
+        raise Interrupted(f"{e}; resume with: tunelab train --resume {out}") from None
+    finally:
+        if dist.active and not dist.is_main:
+            shutdown(dist)
+    if not dist.is_main:
+        return Run(out, config, task, model, tokenizer)
+    run = finish_run(config, task, method, model, tokenizer, splits, result, lr, tmp, out)
+    shutdown(dist)
+    return run
+
+
+@contextmanager
+def metrics_log(path: Path, keep_until: int, enabled: bool) -> Iterator[Callable[[dict[str, Any]], None]]:
+    """A writer of metrics.jsonl lines; on resume, lines after the checkpoint's step are dropped
+    (they will be written again)."""
+    if not enabled:
+        yield lambda entry: None
+        return
+    kept = []
+    if keep_until and path.exists():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= keep_until]
+    with open(path, "w") as f:
+        f.write("".join(line + "\n" for line in kept))
 
         def log(entry: dict[str, Any]) -> None:
-            metrics_file.write(json.dumps(entry) + "\n")
-            metrics_file.flush()
+            f.write(json.dumps(entry) + "\n")
+            f.flush()
 
-        result = fit(
-            model, task, splits.train, splits.validation, config, lr, tokenizer.pad_token_id, log, device
-        )
+        yield log
+
+
+def finish_run(config: Config, task: Any, method: Any, model: torch.nn.Module, tokenizer: Any, splits: Any,
+               result: Any, lr: float, tmp: Path, out: Path) -> Run:  # fmt: skip
+    """Evaluate the best model, save it and the report, and move the run into place."""
     rss = peak_rss_mb()
+    trainable, total = count_params(model)
     run = Run(tmp, config, task, model, tokenizer)
     report: dict[str, Any] = {}
     if splits.validation:
@@ -264,14 +349,8 @@ def train(
     for split, examples in (("validation", splits.validation), ("test", splits.test)):
         if examples:
             report[split] = task.metrics(run.logits(examples), examples)
-    report["train"] = {
-        **result.summary(),
-        "peak_rss_mb": round(rss, 1),
-        "trainable_params": trainable,
-        "total_params": total,
-        "learning_rate": lr,
-        "train_examples": len(splits.train),
-    }
+    report["train"] = {**result.summary(), "peak_rss_mb": round(rss, 1), "trainable_params": trainable,
+                       "total_params": total, "learning_rate": lr, "train_examples": len(splits.train)}  # fmt: skip
     method.save(model, tmp / "model")
     tokenizer.save_pretrained(tmp / "model")
     if method.merge is not None and config.method != "full":
@@ -282,20 +361,15 @@ def train(
             f"merge check: merged and unmerged logits differ by at most {report['merge']['max_abs_diff']:.2e}"
         )
     write_json(tmp / "eval.json", report)
-
+    shutil.rmtree(tmp / "checkpoints", ignore_errors=True)  # a finished run needs no resume state
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
     run.path = out
-    summary = ", ".join(
-        f"{split} {report[split][task.default_metric]:.4f}"
-        for split in ("validation", "test")
-        if split in report
-    )
-    say(
-        f"done in {result.runtime_s:.1f}s ({result.summary()['samples_per_s']:.1f} samples/s); "
-        f"{task.default_metric}: {summary}; run saved to {out}"
-    )
+    summary = ", ".join(f"{split} {report[split][task.default_metric]:.4f}"
+                        for split in ("validation", "test") if split in report)  # fmt: skip
+    say(f"done in {result.runtime_s:.1f}s ({result.summary()['samples_per_s']:.1f} samples/s); "
+        f"{task.default_metric}: {summary}; run saved to {out}")  # fmt: skip
     return run
 
 

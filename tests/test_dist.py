@@ -1,0 +1,48 @@
+"""Distributed data parallel through torchrun: 2 CPU processes (gloo) x batch 8 follow the same
+loss trajectory as 1 process x batch 16, and the saved model works."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import write_tiny_bert
+
+
+def run_args(bert, files, out, batch_size):
+    return ["train", f"model={bert}", "method=full", f"data.train={files['train']}",
+            f"data.validation={files['validation']}", "train.epochs=2", f"train.batch_size={batch_size}",
+            "train.precision=fp32", "train.learning_rate=3e-3", "train.log_steps=1", "train.progress_bar=false",
+            f"output_dir={out}"]  # fmt: skip
+
+
+def test_two_processes_match_one_process_with_the_global_batch(sentiment_files, tmp_path):
+    bert = write_tiny_bert(tmp_path / "bert", dropout=0.0)  # no dropout: the processes' RNGs differ
+    single, double = tmp_path / "single", tmp_path / "double"
+    one = subprocess.run([sys.executable, "-m", "tunelab", *run_args(bert, sentiment_files, single, 16)],
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "tunelab", *run_args(bert, sentiment_files, double, 8), "--nproc", "2"],
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert two.returncode == 0, two.stderr
+    assert "2 processes" in two.stderr
+
+    def trajectory(run):
+        lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [(e["step"], e["loss"]) for e in lines if "loss" in e]
+
+    a, b = trajectory(single), trajectory(double)
+    assert [s for s, _ in a] == [s for s, _ in b] and len(a) == 50
+    for (step, x), (_, y) in zip(a, b):
+        assert y == pytest.approx(x, rel=1e-3, abs=1e-4), f"step {step}"
+    first = json.loads((single / "eval.json").read_text())["validation"]
+    second = json.loads((double / "eval.json").read_text())["validation"]
+    assert second["accuracy"] == pytest.approx(first["accuracy"], abs=1 / 32)
+
+    predicted = subprocess.run([sys.executable, "-m", "tunelab", "predict", str(double), "a lovely warm film"],
+                               capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert predicted.returncode == 0, predicted.stderr
+    assert predicted.stdout.split("\t")[0] in {"positive", "negative"}

@@ -1,0 +1,108 @@
+"""Resumable training state: trainable weights, optimizer, schedule, RNG streams and the exact
+position in the data, written atomically so that a crash at any moment leaves the previous
+checkpoint whole.
+
+```
+<run>/checkpoints/step-000120/
+  trainable.safetensors   the parameters that train (all of them for full fine-tuning)
+  best.safetensors        the best weights so far (when an evaluation has picked one)
+  optimizer.pt            optimizer, schedule and loss-scaler state
+  rng.pt                  torch, numpy and Python RNG states, and the data-order RNG
+  state.json              step, epoch, position inside the epoch, best score, counters
+```
+
+A checkpoint is written to a temporary sibling folder and renamed into place; only then are
+older ones beyond `train.keep_checkpoints` removed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+PREFIX = "step-"
+
+
+def checkpoint_dirs(folder: Path) -> list[Path]:
+    """Complete checkpoints in `folder`, oldest first."""
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.name.startswith(PREFIX) and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    found = checkpoint_dirs(folder)
+    return found[-1] if found else None
+
+
+def save_checkpoint(
+    folder: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: Any,
+    scaler: Any,
+    state: dict[str, Any],
+    data_rng: random.Random,
+    best_state: dict[str, torch.Tensor] | None,
+    keep: int,
+) -> Path:
+    """Write one checkpoint atomically and prune old ones; returns its folder."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"{PREFIX}{state['result']['steps']:06d}"
+    tmp = folder / f".tmp-{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    trainable = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(trainable, str(tmp / "trainable.safetensors"))
+    if best_state is not None:
+        save_file({n: t.contiguous().cpu() for n, t in best_state.items()}, str(tmp / "best.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                "scaler": scaler.state_dict()}, tmp / "optimizer.pt")  # fmt: skip
+    torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                "data": data_rng.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, tmp / "rng.pt")  # fmt: skip
+    (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in checkpoint_dirs(folder)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: Any,
+    scaler: Any,
+    data_rng: random.Random,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+    """Restore everything `save_checkpoint` wrote; returns (state, best weights or None)."""
+    from safetensors.torch import load_file
+
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in load_file(str(path / "trainable.safetensors")).items():
+            params[name].copy_(value)
+    best = load_file(str(path / "best.safetensors")) if (path / "best.safetensors").is_file() else None
+    saved = torch.load(path / "optimizer.pt", weights_only=False)
+    optimizer.load_state_dict(saved["optimizer"])
+    schedule.load_state_dict(saved["schedule"])
+    scaler.load_state_dict(saved["scaler"])
+    rng = torch.load(path / "rng.pt", weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    data_rng.setstate(rng["data"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return json.loads((path / "state.json").read_text()), best
