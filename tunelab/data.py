@@ -235,17 +235,24 @@ def sample(table: Table, n: int | None, seed: int) -> Table:
     return table.subset(order[:n])
 
 
-def stratified_split(table: Table, keys: list[Any], share: float, seed: int) -> tuple[Table, Table]:
-    """Split into (rest, held_out) keeping each key's share; seeded. Every key with 2+ rows
-    keeps at least one row on each side."""
+def _shuffled_groups(keys: list[Any], rng: random.Random) -> list[list[int]]:
+    """Row indices grouped by key (keys in a fixed order), each group shuffled by `rng`."""
     by_key: dict[Any, list[int]] = defaultdict(list)
     for i, key in enumerate(keys):
         by_key[key].append(i)
+    groups = []
+    for key in sorted(by_key, key=str):
+        rng.shuffle(by_key[key])
+        groups.append(by_key[key])
+    return groups
+
+
+def stratified_split(table: Table, keys: list[Any], share: float, seed: int) -> tuple[Table, Table]:
+    """Split into (rest, held_out) keeping each key's share; seeded. Every key with 2+ rows
+    keeps at least one row on each side."""
     rng = random.Random(seed)
     held: list[int] = []
-    for key in sorted(by_key, key=str):
-        idx = by_key[key]
-        rng.shuffle(idx)
+    for idx in _shuffled_groups(keys, rng):
         k = round(len(idx) * share)
         k = min(max(k, 1), len(idx) - 1) if len(idx) > 1 else 0
         held += idx[:k]
@@ -257,14 +264,9 @@ def stratified_split(table: Table, keys: list[Any], share: float, seed: int) -> 
 def shots(table: Table, keys: list[Any], per_key: int, seed: int) -> Table:
     """Few-shot subset: `per_key` rows of every key (label), chosen by a seeded shuffle; keys
     with fewer rows keep all they have."""
-    by_key: dict[Any, list[int]] = defaultdict(list)
-    for i, key in enumerate(keys):
-        by_key[key].append(i)
     rng = random.Random(seed)
     chosen: list[int] = []
-    for key in sorted(by_key, key=str):
-        idx = by_key[key]
-        rng.shuffle(idx)
+    for idx in _shuffled_groups(keys, rng):
         chosen += idx[:per_key]
     rng.shuffle(chosen)
     return table.subset(chosen)

@@ -25,6 +25,14 @@ def _ratio(num: np.ndarray | float, den: np.ndarray | float) -> np.ndarray:
     return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
 
 
+def _per_class(labels: list[str], precision: Any, recall: Any, f1: Any, support: Any) -> dict[str, Any]:
+    return {
+        name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+               "support": int(support[i])}
+        for i, name in enumerate(labels)
+    }  # fmt: skip
+
+
 def classification_metrics(y_true: Any, y_pred: Any, labels: list[str]) -> dict[str, Any]:
     """Accuracy; precision, recall and F1 macro- and micro-averaged and per class; the
     confusion matrix. Classes with no support and no predictions count 0 in macro averages,
@@ -48,15 +56,7 @@ def classification_metrics(y_true: Any, y_pred: Any, labels: list[str]) -> dict[
         "recall_micro": micro_r,
         "f1_micro": float(_ratio(2 * micro_p * micro_r, micro_p + micro_r)),
         "num_examples": int(total),
-        "per_class": {
-            name: {
-                "precision": float(precision[i]),
-                "recall": float(recall[i]),
-                "f1": float(f1[i]),
-                "support": int(support[i]),
-            }
-            for i, name in enumerate(labels)
-        },
+        "per_class": _per_class(labels, precision, recall, f1, support),
         "confusion_matrix": {"labels": list(labels), "matrix": matrix.tolist()},
     }
 
@@ -80,15 +80,7 @@ def multilabel_metrics(y_true: Any, y_pred: Any, labels: list[str], threshold: f
         "subset_accuracy": float((y_true == y_pred).all(axis=1).mean()) if len(y_true) else 0.0,
         "threshold": threshold,
         "num_examples": int(len(y_true)),
-        "per_class": {
-            name: {
-                "precision": float(precision[i]),
-                "recall": float(recall[i]),
-                "f1": float(f1[i]),
-                "support": int(support[i]),
-            }
-            for i, name in enumerate(labels)
-        },  # fmt: skip
+        "per_class": _per_class(labels, precision, recall, f1, support),
     }
 
 
