@@ -46,3 +46,46 @@ def test_two_processes_match_one_process_with_the_global_batch(sentiment_files, 
                                capture_output=True, text=True, timeout=300)  # fmt: skip
     assert predicted.returncode == 0, predicted.stderr
     assert predicted.stdout.split("\t")[0] in {"positive", "negative"}
+
+
+def test_fsdp_matches_one_process_and_resumes_after_sigterm(sentiment_files, tmp_path):
+    import os
+    import signal
+    import time
+
+    from tunelab.checkpoint import checkpoint_dirs
+
+    bert = write_tiny_bert(tmp_path / "bert", dropout=0.0)
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    extra = ["train.epochs=6", "train.checkpoint_steps=5"]
+    one = subprocess.run([sys.executable, "-m", "tunelab", *run_args(bert, sentiment_files, single, 16), *extra],
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert one.returncode == 0, one.stderr
+    process = subprocess.Popen([sys.executable, "-m", "tunelab", *run_args(bert, sentiment_files, sharded, 8), *extra,
+                                "train.distributed=fsdp", "--nproc", "2"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+    folder = tmp_path / ".sharded.partial" / "checkpoints"
+    deadline = time.time() + 300
+    while not any(int(p.name.split("-")[1]) >= 10 for p in checkpoint_dirs(folder)):
+        assert process.poll() is None and time.time() < deadline, process.communicate()
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGTERM)
+    process.communicate(timeout=120)
+    assert not sharded.exists() and checkpoint_dirs(folder)
+
+    resumed = subprocess.run([sys.executable, "-m", "tunelab", "train", "--resume", str(sharded), "--nproc", "2"],
+                             capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from step-" in resumed.stderr
+
+    def trajectory(run):
+        lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [(e["step"], e["loss"]) for e in lines if "loss" in e]
+
+    a, b = trajectory(single), trajectory(sharded)
+    assert [s for s, _ in a] == [s for s, _ in b] and len(a) == 150
+    for (step, x), (_, y) in zip(a, b):
+        assert y == pytest.approx(x, rel=1e-3, abs=1e-4), f"step {step}"
+    predicted = subprocess.run([sys.executable, "-m", "tunelab", "predict", str(sharded), "a lovely warm film"],
+                               capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert predicted.returncode == 0, predicted.stderr

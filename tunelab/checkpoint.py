@@ -44,8 +44,8 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 def save_checkpoint(
     folder: Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    trainable: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
     schedule: Any,
     scaler: Any,
     state: dict[str, Any],
@@ -53,7 +53,8 @@ def save_checkpoint(
     best_state: dict[str, torch.Tensor] | None,
     keep: int,
 ) -> Path:
-    """Write one checkpoint atomically and prune old ones; returns its folder."""
+    """Write one checkpoint atomically and prune old ones; returns its folder. `trainable` and
+    `optimizer_state` are whole (gathered from all processes under FSDP)."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -61,11 +62,12 @@ def save_checkpoint(
     tmp = folder / f".tmp-{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    trainable = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
-    save_file(trainable, str(tmp / "trainable.safetensors"))
+    save_file(
+        {n: t.detach().contiguous().cpu() for n, t in trainable.items()}, str(tmp / "trainable.safetensors")
+    )
     if best_state is not None:
         save_file({n: t.contiguous().cpu() for n, t in best_state.items()}, str(tmp / "best.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+    torch.save({"optimizer": optimizer_state, "schedule": schedule.state_dict(),
                 "scaler": scaler.state_dict()}, tmp / "optimizer.pt")  # fmt: skip
     torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                 "data": data_rng.getstate(),
@@ -85,17 +87,25 @@ def load_checkpoint(
     schedule: Any,
     scaler: Any,
     data_rng: random.Random,
+    sharded: bool = False,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
-    """Restore everything `save_checkpoint` wrote; returns (state, best weights or None)."""
+    """Restore everything `save_checkpoint` wrote; returns (state, best weights or None).
+    With `sharded` (FSDP), whole tensors are split back into this process's shards."""
     from safetensors.torch import load_file
 
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in load_file(str(path / "trainable.safetensors")).items():
-            params[name].copy_(value)
+    trainable = load_file(str(path / "trainable.safetensors"))
     best = load_file(str(path / "best.safetensors")) if (path / "best.safetensors").is_file() else None
     saved = torch.load(path / "optimizer.pt", weights_only=False)
-    optimizer.load_state_dict(saved["optimizer"])
+    if sharded:
+        from tunelab.dist import load_sharded
+
+        best = load_sharded(model, optimizer, trainable, saved["optimizer"], best)
+    else:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in trainable.items():
+                params[name].copy_(value)
+        optimizer.load_state_dict(saved["optimizer"])
     schedule.load_state_dict(saved["schedule"])
     scaler.load_state_dict(saved["scaler"])
     rng = torch.load(path / "rng.pt", weights_only=False)

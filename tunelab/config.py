@@ -102,6 +102,9 @@ class TrainConfig:
         "Save a resumable checkpoint every N steps (and at each epoch end); null: epoch ends only.", 500
     )
     keep_checkpoints: int = doc("How many checkpoints to keep while training (they go when it ends).", 2)
+    distributed: Literal["ddp", "fsdp"] = doc(
+        "With several processes: `ddp` replicates the model; `fsdp` shards it (models that don't fit).", "ddp"
+    )
     deterministic: bool = doc("Use PyTorch's deterministic algorithms only (slower on some GPUs).", False)
     resume: Literal["never", "auto"] = doc(
         "`auto`: continue from the latest checkpoint of an unfinished run in output_dir.", "never"

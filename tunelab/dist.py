@@ -81,6 +81,66 @@ def shutdown(dist: Dist) -> None:
         torch_dist.destroy_process_group()
 
 
+# ------------------------------------------------------------------------------- FSDP
+
+
+def shard_model(model: torch.nn.Module) -> None:
+    """FSDP (FSDP2 `fully_shard`): every transformer block, then the rest, sharded over the
+    processes; parameters become DTensors holding this process's shard."""
+    from torch.distributed.fsdp import fully_shard
+
+    from tunelab.methods.common import block_stacks
+
+    for _, blocks in block_stacks(model):
+        for block in blocks:
+            fully_shard(block)
+    fully_shard(model)
+
+
+def full_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
+) -> tuple[dict, dict | None]:
+    """Whole model (and optimizer) state gathered from the shards; call on every process."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    optim_state = (
+        get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else None
+    )
+    return model_state, optim_state
+
+
+def gather_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """DTensor shards -> whole tensors (collective: every process calls it, same order)."""
+    return {
+        n: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu() for n, t in tensors.items()
+    }
+
+
+def load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainable: dict, optim_state: dict,
+                 best: dict | None) -> dict | None:  # fmt: skip
+    """Put whole checkpoint tensors back into the shards; returns the best weights as shards."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+    from torch.distributed.tensor import distribute_tensor
+
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model, trainable, options=options)
+    set_optimizer_state_dict(model, optimizer, optim_state, options=options)
+    if best is None:
+        return None
+    params = dict(model.named_parameters())
+    return {n: distribute_tensor(t, params[n].device_mesh, params[n].placements) for n, t in best.items()}
+
+
 def launch(nproc: int, argv: list[str]) -> int:
     """Re-run `tunelab <argv>` under torchrun with `nproc` processes on this machine."""
     import subprocess

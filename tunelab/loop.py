@@ -25,7 +25,7 @@ import torch
 
 from tunelab.checkpoint import load_checkpoint, save_checkpoint
 from tunelab.config import Config
-from tunelab.dist import Dist, all_reduce_sum, broadcast_flag
+from tunelab.dist import Dist, all_reduce_sum, broadcast_flag, full_state, gather_tensors, shard_model
 from tunelab.errors import ConfigError, Interrupted
 
 
@@ -238,12 +238,15 @@ def fit(
     steps_per_epoch = math.ceil(math.ceil(len(train) / global_batch) / tc.gradient_accumulation)
     total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
     model.to(device)
+    fsdp = dist.active and tc.distributed == "fsdp"
+    if fsdp:
+        shard_model(model)
     optimizer = make_optimizer(model, config, lr)
     schedule = make_schedule(optimizer, tc.schedule, math.ceil(tc.warmup_ratio * total_steps), total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     trainable = [p for p in model.parameters() if p.requires_grad]
     evaluated = model  # evaluation and checkpoints see the model itself, not the DDP wrapper
-    if dist.active:
+    if dist.active and not fsdp:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
@@ -252,21 +255,26 @@ def fit(
     best_state: dict[str, torch.Tensor] | None = None
     epoch_rng_state = rng.getstate()
     if resume_from is not None:
-        state, best_state = load_checkpoint(resume_from, evaluated, optimizer, schedule, scaler, rng)
+        state, best_state = load_checkpoint(resume_from, evaluated, optimizer, schedule, scaler, rng, fsdp)
+        if state.get("world", 1) != dist.world:
+            raise ConfigError(f"{resume_from} was saved by {state.get('world', 1)} process(es); resume it with "
+                              f"the same number (the global batch, and so the data order, depend on it)")  # fmt: skip
         result = FitResult(**state["result"])
         epoch_rng_state = rng.getstate()
     running_loss, running_units, window_samples, window_start = 0.0, 0.0, 0, time.perf_counter()
     progress = _progress(total_steps, tc.progress_bar and dist.is_main, initial=result.steps)
 
     def evaluate(epoch: float) -> bool:
-        """Validation metrics at this point (rank 0); returns True when training should stop."""
+        """Validation metrics at this point (scored on rank 0; under FSDP every process takes
+        part in the forward passes); returns True when training should stop."""
         nonlocal best_state
         result.last_eval_step = result.steps
-        stop = False
-        if validation and dist.is_main:
+        stop = better = False
+        if validation and (dist.is_main or fsdp):
             logits = predict_logits(
                 evaluated, validation, task.collate, pad_id, tc.eval_batch_size, device, dtype
             )
+        if validation and dist.is_main:
             scores = task.metrics(logits, validation)
             if metric not in scores:
                 raise ConfigError(
@@ -280,26 +288,37 @@ def fit(
                 value < result.best_metric if lower_is_better else value > result.best_metric
             )
             if better:
-                result.best_metric, result.best_step = value, result.steps
-                best_state, result.evals_without_gain = _trainable_state(evaluated), 0
+                result.best_metric, result.best_step, result.evals_without_gain = value, result.steps, 0
             else:
                 result.evals_without_gain += 1
             progress.set_postfix_str(f"{metric}={value:.4f} best={result.best_metric:.4f}", refresh=False)
             patience = tc.early_stopping_patience
             stop = patience is not None and result.evals_without_gain >= patience
+        if broadcast_flag(better, dist):
+            best_state = _trainable_state(evaluated)  # every process: under FSDP each keeps its shard
         return broadcast_flag(stop, dist)
 
     def checkpoint() -> Path | None:
-        if checkpoint_dir is None or not dist.is_main:
+        if checkpoint_dir is None:
             return None
-        state = {"result": dataclasses.asdict(result)}
+        if fsdp:  # gather the shards: every process takes part
+            model_state, optimizer_state = full_state(evaluated, optimizer)
+            names = {n for n, p in evaluated.named_parameters() if p.requires_grad}
+            weights = {n: t for n, t in model_state.items() if n in names}
+            best = gather_tensors(best_state) if best_state is not None else None
+        else:
+            weights = {n: p for n, p in evaluated.named_parameters() if p.requires_grad}
+            optimizer_state, best = optimizer.state_dict(), best_state
+        if not dist.is_main:
+            return None
+        state = {"result": dataclasses.asdict(result), "world": dist.world, "distributed": tc.distributed}
         # the data-order RNG is saved as it was at the start of the epoch: resuming replays
         # that epoch's batch order and skips the steps already done
         current = rng.getstate()
         rng.setstate(epoch_rng_state if result.step_in_epoch else current)
         try:
-            return save_checkpoint(checkpoint_dir, evaluated, optimizer, schedule, scaler, state, rng,
-                                   best_state, tc.keep_checkpoints)  # fmt: skip
+            return save_checkpoint(checkpoint_dir, weights, optimizer_state, schedule, scaler, state, rng,
+                                   best, tc.keep_checkpoints)  # fmt: skip
         finally:
             rng.setstate(current)
 
@@ -322,7 +341,7 @@ def fit(
                 collated = [task.collate([train[i] for i in idx], pad_id) for idx in mine if idx]
                 units = all_reduce_sum([float(sum(task.units(b) for b in collated))], dist)[0]
                 for n, batch in enumerate(collated):
-                    sync = n == len(collated) - 1 or not dist.active
+                    sync = n == len(collated) - 1 or not dist.active or fsdp
                     with nullcontext() if sync else model.no_sync(), autocast(device, dtype):
                         loss_sum = task.loss(model, to_device(batch, device))
                     # DDP averages gradients over processes: scale back up to a global sum

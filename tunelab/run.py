@@ -38,7 +38,7 @@ from tunelab import __version__
 from tunelab.checkpoint import latest_checkpoint
 from tunelab.config import Config, load_config, save_config, to_dict
 from tunelab.data import is_missing, read_table, require_columns
-from tunelab.dist import device_for, init_distributed, shutdown
+from tunelab.dist import device_for, full_state, init_distributed, shutdown
 from tunelab.errors import Interrupted, TunelabError
 from tunelab.loop import fit, peak_rss_mb, pick_device, predict_logits, resolve_precision
 from tunelab.methods import METHODS
@@ -302,11 +302,16 @@ def train(
             result = fit(model, task, splits.train, splits.validation, config, lr, tokenizer.pad_token_id, log,
                          device, checkpoint_dir=tmp / "checkpoints", resume_from=checkpoint, dist=dist)  # fmt: skip
     except Interrupted as e:
+        shutdown(dist)
         raise Interrupted(f"{e}; resume with: tunelab train --resume {out}") from None
-    finally:
-        if dist.active and not dist.is_main:
-            shutdown(dist)
+    if dist.active and config.train.distributed == "fsdp":
+        whole, _ = full_state(model)  # every process takes part in the gather
+        if dist.is_main:
+            seed_everything(config.seed)
+            model = method.apply(task.build_model(model_path), config, task)
+            model.load_state_dict(whole)
     if not dist.is_main:
+        shutdown(dist)
         return Run(out, config, task, model, tokenizer)
     run = finish_run(config, task, method, model, tokenizer, splits, result, lr, tmp, out)
     shutdown(dist)
