@@ -232,6 +232,20 @@ def resume_point(config: Config, out: Path, resume: bool, overwrite: bool) -> tu
     return saved, latest
 
 
+def run_config(config: Config | str | Path | None, overrides: list[str] | None, resume: str | Path | None,
+               kwargs: dict[str, Any]) -> Config:  # fmt: skip
+    """The config a `train` call means, with output_dir filled in; a resumed run's own config."""
+    if resume is not None:
+        saved = partial_dir(Path(resume)) / "config.yaml"
+        config = load_config(saved) if saved.exists() else load_config(overrides=[f"output_dir={resume}"])
+        config.output_dir = str(resume)
+    elif not isinstance(config, Config):
+        config = load_config(config, overrides, **kwargs)
+    elif overrides or kwargs:
+        raise TypeError("pass overrides/kwargs with a YAML path, not with a built Config")
+    return dataclasses.replace(config, output_dir=config.output_dir or default_output_dir(config))
+
+
 def train(
     config: Config | str | Path | None = None,
     *,
@@ -247,15 +261,7 @@ def train(
     checkpoint (its saved config is used). Raises TunelabError for bad config or data, and
     `Interrupted` when stopped by a signal (after saving a checkpoint).
     """
-    if resume is not None:
-        config = load_config(partial_dir(Path(resume)) / "config.yaml") if partial_dir(Path(resume)).exists() \
-            else load_config(overrides=[f"output_dir={resume}"])  # fmt: skip
-        config.output_dir = str(resume)
-    elif not isinstance(config, Config):
-        config = load_config(config, overrides, **kwargs)
-    elif overrides or kwargs:
-        raise TypeError("pass overrides/kwargs with a YAML path, not with a built Config")
-    config = dataclasses.replace(config, output_dir=config.output_dir or default_output_dir(config))
+    config = run_config(config, overrides, resume, kwargs)
     out = Path(config.output_dir)
     dist = init_distributed()
     config, checkpoint = resume_point(config, out, resume is not None, overwrite)
