@@ -19,6 +19,17 @@ def run_args(bert, files, out, batch_size):
             f"output_dir={out}"]  # fmt: skip
 
 
+def trajectory(run):
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(e["step"], e["loss"]) for e in lines if "loss" in e]
+
+
+def assert_same_trajectory(a, b, steps):
+    assert [s for s, _ in a] == [s for s, _ in b] and len(a) == steps
+    for (step, x), (_, y) in zip(a, b):
+        assert y == pytest.approx(x, rel=1e-3, abs=1e-4), f"step {step}"
+
+
 def test_two_processes_match_one_process_with_the_global_batch(sentiment_files, tmp_path):
     bert = write_tiny_bert(tmp_path / "bert", dropout=0.0)  # no dropout: the processes' RNGs differ
     single, double = tmp_path / "single", tmp_path / "double"
@@ -30,14 +41,7 @@ def test_two_processes_match_one_process_with_the_global_batch(sentiment_files, 
     assert two.returncode == 0, two.stderr
     assert "2 processes" in two.stderr
 
-    def trajectory(run):
-        lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        return [(e["step"], e["loss"]) for e in lines if "loss" in e]
-
-    a, b = trajectory(single), trajectory(double)
-    assert [s for s, _ in a] == [s for s, _ in b] and len(a) == 50
-    for (step, x), (_, y) in zip(a, b):
-        assert y == pytest.approx(x, rel=1e-3, abs=1e-4), f"step {step}"
+    assert_same_trajectory(trajectory(single), trajectory(double), 50)
     first = json.loads((single / "eval.json").read_text())["validation"]
     second = json.loads((double / "eval.json").read_text())["validation"]
     assert second["accuracy"] == pytest.approx(first["accuracy"], abs=1 / 32)
@@ -78,14 +82,7 @@ def test_fsdp_matches_one_process_and_resumes_after_sigterm(sentiment_files, tmp
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from step-" in resumed.stderr
 
-    def trajectory(run):
-        lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        return [(e["step"], e["loss"]) for e in lines if "loss" in e]
-
-    a, b = trajectory(single), trajectory(sharded)
-    assert [s for s, _ in a] == [s for s, _ in b] and len(a) == 150
-    for (step, x), (_, y) in zip(a, b):
-        assert y == pytest.approx(x, rel=1e-3, abs=1e-4), f"step {step}"
+    assert_same_trajectory(trajectory(single), trajectory(sharded), 150)
     predicted = subprocess.run([sys.executable, "-m", "tunelab", "predict", str(sharded), "a lovely warm film"],
                                capture_output=True, text=True, timeout=300)  # fmt: skip
     assert predicted.returncode == 0, predicted.stderr

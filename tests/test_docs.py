@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from tunelab.config import field_docs
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-
-
-def _show(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    return str(value)
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+spec = importlib.util.spec_from_file_location(
+    "update_readme_config", ROOT / "scripts" / "update_readme_config.py"
+)
+updater = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(updater)
 
 
 def test_readme_config_reference_matches_the_config():
     for key, doc, default in field_docs():
-        row = f"| `{key}` | {_show(default)} | {doc} |"
+        row = f"| `{key}` | {updater.show(default)} | {doc} |"
         assert row in README, f"README config reference is missing or outdated for {key}: {row}"

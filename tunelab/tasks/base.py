@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,31 @@ class Splits:
     validation: list[dict[str, Any]]
     test: list[dict[str, Any]] | None = None
     files: dict[str, str] = field(default_factory=dict)
+
+
+def split_and_encode(task: Any, train: Any, strata: list[Any] | None, tokenizer: Any,
+                     prepare_train: Callable[[Any], Any] | None = None) -> Splits:  # fmt: skip
+    """The shared tail of every task's `load_splits`: the validation file, or a stratified
+    share of train; seeded subsets (`max_train_samples`, `max_eval_samples`); the test file;
+    then `prepare_train` (few-shot, augmentation) and tokenizing."""
+    from tunelab.data import sample, stratified_split
+
+    d, seed = task.config.data, task.config.seed
+    if d.validation:
+        validation = task.read(d.validation)
+    else:
+        train, validation = stratified_split(train, strata or [0] * len(train), d.validation_split, seed)
+    if prepare_train is not None:
+        train = prepare_train(train)
+    train = sample(train, d.max_train_samples, seed)
+    validation = sample(validation, d.max_eval_samples, seed)
+    test = sample(task.read(d.test), d.max_eval_samples, seed) if d.test else None
+    return Splits(
+        train=task.encode(task.augment(train) if hasattr(task, "augment") else train, tokenizer),
+        validation=task.encode(validation, tokenizer),
+        test=task.encode(test, tokenizer) if test is not None else None,
+        files={k: v for k, v in (("train", d.train), ("validation", d.validation), ("test", d.test)) if v},
+    )
 
 
 def encode_texts(tokenizer: Any, texts: list[str], pairs: list[str] | None, max_length: int) -> list[dict]:

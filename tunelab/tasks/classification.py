@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.config import Config
-from tunelab.data import Table, is_missing, read_table, require_columns, sample, shots, stratified_split
+from tunelab.data import Table, is_missing, read_table, require_columns, shots
 from tunelab.errors import DataError
 from tunelab.metrics import classification_metrics, multilabel_metrics
-from tunelab.tasks.base import Splits, collate_tokens, encode_texts
+from tunelab.tasks.base import Splits, collate_tokens, encode_texts, split_and_encode
 
 
 def label_name(value: Any) -> str:
@@ -152,23 +152,13 @@ class ClassificationTask:
                 f"{train.path}: column '{d.label_column}' has only one label "
                 f"({self.labels[0]}); classification needs at least two"
             )
-        if d.validation:
-            validation = self.read(d.validation)
-        else:
-            train, validation = stratified_split(train, self.strata(train), d.validation_split, seed)
-        if d.shots_per_class:
-            train = shots(train, self.strata(train), d.shots_per_class, seed)
-        train = sample(train, d.max_train_samples, seed)
-        validation = sample(validation, d.max_eval_samples, seed)
-        test = sample(self.read(d.test), d.max_eval_samples, seed) if d.test else None
-        return Splits(
-            train=self.encode(self.augment(train), tokenizer),
-            validation=self.encode(validation, tokenizer),
-            test=self.encode(test, tokenizer) if test is not None else None,
-            files={
-                k: v for k, v in (("train", d.train), ("validation", d.validation), ("test", d.test)) if v
-            },
-        )
+
+        def few_shot(table: Table) -> Table:
+            if not d.shots_per_class:
+                return table
+            return shots(table, self.strata(table), d.shots_per_class, seed)
+
+        return split_and_encode(self, train, self.strata(train), tokenizer, few_shot)
 
     def strata(self, table: Table) -> list[str]:
         """What splits and few-shot sampling keep balanced: each row's label set."""

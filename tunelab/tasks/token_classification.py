@@ -18,10 +18,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tunelab.data import Table, read_table, require_columns, sample, stratified_split
+from tunelab.data import Table, read_table, require_columns
 from tunelab.errors import DataError
 from tunelab.metrics import entity_metrics, get_entities
-from tunelab.tasks.base import Splits, collate_tokens
+from tunelab.tasks.base import Splits, collate_tokens, split_and_encode
 
 CONLL_SUFFIXES = {".conll", ".txt", ".bio", ".iob", ".conllu"}
 WORD = re.compile(r"\w+(?:['’-]\w+)*|[^\w\s]")
@@ -109,28 +109,14 @@ class TokenClassificationTask:
         return out
 
     def load_splits(self, tokenizer: Any) -> Splits:
-        d, seed = self.config.data, self.config.seed
+        d = self.config.data
         if not d.train:
             raise DataError("no training data: set data.train=<file> (CoNLL, JSON or JSONL)")
         train = self.read(d.train)
         if self.labels is None:
             tags = {t for row in train.rows for t in row["tags"]}
             self.labels = ["O"] * ("O" in tags) + sorted(tags - {"O"}, key=lambda t: (t[2:], t))
-        if d.validation:
-            validation = self.read(d.validation)
-        else:
-            train, validation = stratified_split(train, [0] * len(train), d.validation_split, seed)
-        train = sample(train, d.max_train_samples, seed)
-        validation = sample(validation, d.max_eval_samples, seed)
-        test = sample(self.read(d.test), d.max_eval_samples, seed) if d.test else None
-        return Splits(
-            train=self.encode(train, tokenizer),
-            validation=self.encode(validation, tokenizer),
-            test=self.encode(test, tokenizer) if test is not None else None,
-            files={
-                k: v for k, v in (("train", d.train), ("validation", d.validation), ("test", d.test)) if v
-            },
-        )
+        return split_and_encode(self, train, None, tokenizer)
 
     def encode(self, table: Table, tokenizer: Any, with_labels: bool = True) -> list[dict[str, Any]]:
         words = [row["tokens"] for row in table.rows]
