@@ -306,3 +306,24 @@ def test_ambiguous_shortcut_asks_for_the_section():
         match=r"'target_modules' is in several sections; name one: lora.target_modules or ia3.target_modules",
     ):
         load_config(target_modules=["query"])
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("lora.alpha", 0, r"lora.alpha: 0.0 must be > 0"),
+        ("train.num_threads", 0, r"train.num_threads: 0 must be >= 1"),
+        ("train.early_stopping_patience", 0, r"train.early_stopping_patience: 0 must be >= 1"),
+    ],
+)
+def test_more_value_checks(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(**{key: value})
+
+
+def test_a_folder_given_as_config_says_so(tmp_path):
+    (tmp_path / "config.yaml").write_text("seed: 1\n")
+    with pytest.raises(
+        ConfigError, match=r"is a folder; give a YAML config file, .*tunelab train --resume RUN"
+    ):
+        load_config(tmp_path)

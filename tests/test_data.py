@@ -468,3 +468,16 @@ def test_max_eval_samples_caps_validation_and_test(tmp_path, unsplit):
         train=str(unsplit), validation=str(unsplit), test=str(unsplit), max_eval_samples=7
     ).load_splits(CharTokenizer())
     assert (len(splits.train), len(splits.validation), len(splits.test)) == (sum(COUNTS.values()), 7, 7)
+
+
+def test_too_few_rows_for_a_validation_split_is_reported(tmp_path):
+    from tunelab.config import load_config
+    from tunelab.tasks import TASKS
+
+    path = tmp_path / "tiny.csv"
+    path.write_text("text,label\ngood,pos\nbad,neg\n")
+    task = TASKS["classification"](load_config(train=str(path)))
+    with pytest.raises(
+        DataError, match=r"too few rows to hold out a validation set .*data.validation=<file>"
+    ):
+        task.load_splits(tokenizer=None)

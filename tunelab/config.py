@@ -316,10 +316,19 @@ def load_config(
     tree: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            hint = (
+                " (to resume an unfinished run: tunelab train --resume RUN)"
+                if (path / "config.yaml").is_file()
+                else ""
+            )
+            raise ConfigError(
+                f"{path} is a folder; give a YAML config file, e.g. {path / 'config.yaml'}{hint}"
+            )
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
@@ -399,6 +408,17 @@ def validate(config: Config) -> None:
             "must be >= 1 (or null for all rows)",
         ),
         ("lora.rank", config.lora.rank >= 1, "must be >= 1"),
+        ("lora.alpha", config.lora.alpha > 0, "must be > 0"),
+        (
+            "train.num_threads",
+            config.train.num_threads is None or config.train.num_threads >= 1,
+            "must be >= 1",
+        ),
+        (
+            "train.early_stopping_patience",
+            config.train.early_stopping_patience is None or config.train.early_stopping_patience >= 1,
+            "must be >= 1",
+        ),
         ("lora.dropout", 0 <= config.lora.dropout < 1, "must be in [0, 1)"),
         ("freeze.trainable_layers", config.freeze.trainable_layers >= 0, "must be >= 0"),
         ("adapter.reduction_factor", config.adapter.reduction_factor >= 1, "must be >= 1"),

@@ -25,12 +25,18 @@ def split_and_encode(task: Any, train: Any, strata: list[Any] | None, tokenizer:
     share of train; seeded subsets (`max_train_samples`, `max_eval_samples`); the test file;
     then `prepare_train` (few-shot, augmentation) and tokenizing."""
     from tunelab.data import sample, stratified_split
+    from tunelab.errors import DataError
 
     d, seed = task.config.data, task.config.seed
     if d.validation:
         validation = task.read(d.validation)
     else:
         train, validation = stratified_split(train, strata or [0] * len(train), d.validation_split, seed)
+        if not len(validation):
+            raise DataError(
+                f"{d.train}: too few rows to hold out a validation set ({len(train)} rows, every class "
+                f"needs 2+); give data.validation=<file> or add rows"
+            )
     if prepare_train is not None:
         train = prepare_train(train)
     train = sample(train, d.max_train_samples, seed)
