@@ -174,3 +174,18 @@ def test_run_directory_round_trip(method, tiny_bert, sentiment_files, tmp_path):
     assert expected[method] in files
     if method != "full":
         assert "model.safetensors" not in files, "only what trains is saved"
+
+
+def test_prefix_reparameterisation_trains_through_the_mlp(tiny_bert):
+    config, task, model = build(
+        tiny_bert, "prefix", **{"prefix.projection": True, "prefix.num_virtual_tokens": 4}
+    )
+    model = METHODS["prefix"].apply(model, config, task)
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("prompt_encoder" in n and "transform" in n for n in trained), trained
+    batch = batch_of(tiny_bert)
+    model.train()
+    model(**batch).logits.sum().backward()
+    assert all(
+        p.grad is not None for n, p in model.named_parameters() if p.requires_grad and "transform" in n
+    )

@@ -376,7 +376,9 @@ def fit(
                     }
                     if dist.is_main:
                         log(entry)
-                    progress.set_description(f"loss {entry['loss']:.4f}", refresh=False)
+                    progress.set_description(
+                        f"loss {entry['loss']:.4f}, {entry['samples_per_s']:.0f} samples/s", refresh=False
+                    )
                     running_loss, running_units, window_samples, window_start = 0.0, 0.0, 0, now
                 if tc.eval_steps and result.steps % tc.eval_steps == 0 and result.steps < total_steps:
                     stop = evaluate(epoch_pos)
