@@ -153,6 +153,8 @@ class FitResult:
     runtime_s: float = 0.0
     samples: int = 0
     tokens: int = 0
+    padded_tokens: int = 0  # batch rows x longest row: what the model actually processed
+    eval_s: float = 0.0  # time spent evaluating inside training (left out of the rates)
     best_metric: float | None = None
     best_step: int | None = None
     stopped_early: bool = False
@@ -162,12 +164,15 @@ class FitResult:
     last_eval_step: int = -1
 
     def summary(self) -> dict[str, Any]:
+        train_s = max(self.runtime_s - self.eval_s, 1e-9)
         return {
             "steps": self.steps,
             "epochs": round(self.epochs, 4),
             "runtime_s": round(self.runtime_s, 3),
-            "samples_per_s": round(self.samples / max(self.runtime_s, 1e-9), 3),
-            "tokens_per_s": round(self.tokens / max(self.runtime_s, 1e-9), 1),
+            "eval_s": round(self.eval_s, 3),
+            "samples_per_s": round(self.samples / train_s, 3),
+            "tokens_per_s": round(self.tokens / train_s, 1),
+            "padding_fraction": round(1 - self.tokens / max(self.padded_tokens, 1), 4),
             "best_step": self.best_step,
             "best_metric": self.best_metric,
             "stopped_early": self.stopped_early,
@@ -268,6 +273,7 @@ def fit(
         """Validation metrics at this point (scored on rank 0; under FSDP every process takes
         part in the forward passes); returns True when training should stop."""
         nonlocal best_state
+        began = time.perf_counter()
         result.last_eval_step = result.steps
         stop = better = False
         if validation and (dist.is_main or fsdp):
@@ -296,7 +302,9 @@ def fit(
             stop = patience is not None and result.evals_without_gain >= patience
         if broadcast_flag(better, dist):
             best_state = _trainable_state(evaluated)  # every process: under FSDP each keeps its shard
-        return broadcast_flag(stop, dist)
+        stop = broadcast_flag(stop, dist)
+        result.eval_s += time.perf_counter() - began
+        return stop
 
     def checkpoint() -> Path | None:
         if checkpoint_dir is None:
@@ -362,6 +370,7 @@ def fit(
                 result.samples += n_samples
                 window_samples += n_samples
                 result.tokens += sum(lengths[i] for idx in group for i in idx)
+                result.padded_tokens += sum(max(lengths[i] for i in idx) * len(idx) for idx in group if idx)
                 progress.update(1)
                 epoch_pos = result.epoch_index + min(1.0, result.step_in_epoch / steps_per_epoch)
                 if result.steps % tc.log_steps == 0 or result.steps == total_steps:
