@@ -351,15 +351,19 @@ def finish_run(config: Config, task: Any, method: Any, model: torch.nn.Module, t
     trainable, total = count_params(model)
     run = Run(tmp, config, task, model, tokenizer)
     report: dict[str, Any] = {}
-    if splits.validation:
-        decided = task.calibrate(run.logits(splits.validation), splits.validation)
+    outputs = {
+        name: run.logits(rows)
+        for name, rows in (("validation", splits.validation), ("test", splits.test))
+        if rows
+    }
+    if "validation" in outputs:
+        decided = task.calibrate(outputs["validation"], splits.validation)
         if decided:
             report["calibration"] = decided
             save_config(config, tmp / "config.yaml")
             say(f"tuned on validation: {decided}")
-    for split, examples in (("validation", splits.validation), ("test", splits.test)):
-        if examples:
-            report[split] = task.metrics(run.logits(examples), examples)
+    for name, logits in outputs.items():
+        report[name] = task.metrics(logits, getattr(splits, name))
     report["train"] = {**result.summary(), "peak_rss_mb": round(rss, 1), "trainable_params": trainable,
                        "total_params": total, "learning_rate": lr, "train_examples": len(splits.train)}  # fmt: skip
     method.save(model, tmp / "model")
