@@ -193,3 +193,13 @@ def test_overrides_may_follow_flags(monkeypatch):
     )
     assert main(["train", "c.yaml", "a=1", "--overwrite", "b=2"]) == 0
     assert seen == {"config": "c.yaml", "overrides": ["a=1", "b=2"], "overwrite": True}
+
+
+@pytest.mark.parametrize("flag", [["--nproc", "2"], ["--nproc=2"]])
+def test_nproc_relaunches_the_same_command_under_torchrun(flag, monkeypatch):
+    import tunelab.dist
+
+    seen = {}
+    monkeypatch.setattr(tunelab.dist, "launch", lambda n, argv: seen.update(n=n, argv=argv) or 0)
+    assert main(["train", "c.yaml", *flag, "a=1"]) == 0
+    assert seen == {"n": 2, "argv": ["train", "c.yaml", "a=1"]}

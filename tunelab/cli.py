@@ -20,8 +20,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         from tunelab.dist import launch
 
         argv = list(sys.argv[1:]) if args.argv is None else list(args.argv)
-        index = argv.index("--nproc")
-        return launch(args.nproc, argv[:index] + argv[index + 2 :])
+        rest, skip = [], False
+        for arg in argv:  # drop `--nproc N` or `--nproc=N`; torchrun runs the rest
+            if skip or arg.startswith("--nproc="):
+                skip = False
+            elif arg == "--nproc":
+                skip = True
+            else:
+                rest.append(arg)
+        return launch(args.nproc, rest)
     from tunelab.run import train
 
     config, overrides = None, list(args.overrides)

@@ -20,10 +20,12 @@ class Splits:
 
 
 def split_and_encode(task: Any, train: Any, strata: list[Any] | None, tokenizer: Any,
-                     prepare_train: Callable[[Any], Any] | None = None) -> Splits:  # fmt: skip
+                     few_shot: Callable[[Any], Any] | None = None,
+                     augment: Callable[[Any], Any] | None = None) -> Splits:  # fmt: skip
     """The shared tail of every task's `load_splits`: the validation file, or a stratified
     share of train; seeded subsets (`max_train_samples`, `max_eval_samples`); the test file;
-    then `prepare_train` (few-shot, augmentation) and tokenizing."""
+    `few_shot` picks training rows before the subset is taken, `augment` adds rows after it;
+    then everything is tokenized."""
     from tunelab.data import sample, stratified_split
     from tunelab.errors import DataError
 
@@ -37,13 +39,13 @@ def split_and_encode(task: Any, train: Any, strata: list[Any] | None, tokenizer:
                 f"{d.train}: too few rows to hold out a validation set ({len(train)} rows, every class "
                 f"needs 2+); give data.validation=<file> or add rows"
             )
-    if prepare_train is not None:
-        train = prepare_train(train)
+    if few_shot is not None:
+        train = few_shot(train)
     train = sample(train, d.max_train_samples, seed)
     validation = sample(validation, d.max_eval_samples, seed)
     test = sample(task.read(d.test), d.max_eval_samples, seed) if d.test else None
     return Splits(
-        train=task.encode(task.augment(train) if hasattr(task, "augment") else train, tokenizer),
+        train=task.encode(augment(train) if augment is not None else train, tokenizer),
         validation=task.encode(validation, tokenizer),
         test=task.encode(test, tokenizer) if test is not None else None,
         files={k: v for k, v in (("train", d.train), ("validation", d.validation), ("test", d.test)) if v},

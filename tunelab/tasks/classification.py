@@ -158,7 +158,7 @@ class ClassificationTask:
                 return table
             return shots(table, self.strata(table), d.shots_per_class, seed)
 
-        return split_and_encode(self, train, self.strata(train), tokenizer, few_shot)
+        return split_and_encode(self, train, self.strata(train), tokenizer, few_shot, self.augment)
 
     def strata(self, table: Table) -> list[str]:
         """What splits and few-shot sampling keep balanced: each row's label set."""
