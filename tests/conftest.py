@@ -76,6 +76,45 @@ def write_tiny_llama(folder: Path) -> Path:
     )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
+    _set_special_tokens(folder, bos_token="[CLS]", eos_token="[SEP]")
+    return folder
+
+
+def _set_special_tokens(folder: Path, **tokens: str) -> None:
+    """Give the WordPiece tokenizer the bos/eos tokens the generative configs point at."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.add_special_tokens(tokens)
+    tokenizer.save_pretrained(folder)
+
+
+def write_tiny_seq2seq(folder: Path, kind: str) -> Path:
+    """A random T5 or BART encoder-decoder sharing the tiny WordPiece vocabulary
+    ([PAD]=0, [CLS]=2 as bos / decoder start, [SEP]=3 as eos)."""
+    import torch
+    from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
+
+    write_tiny_bert(folder)
+    for name in ("model.safetensors", "config.json"):
+        (folder / name).unlink()
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(folder))
+    ids = {"pad_token_id": 0, "eos_token_id": 3, "decoder_start_token_id": 2}
+    if kind == "t5":
+        config = T5Config(vocab_size=vocab, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                          dropout_rate=0.0, **ids)  # fmt: skip
+        model = T5ForConditionalGeneration
+    else:
+        config = BartConfig(vocab_size=vocab, d_model=32, encoder_layers=2, decoder_layers=2,
+                            encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                            decoder_ffn_dim=64, max_position_embeddings=64, dropout=0.0, bos_token_id=2,
+                            forced_eos_token_id=None, **ids)  # fmt: skip
+        model = BartForConditionalGeneration
+    torch.manual_seed(0)
+    model(config).save_pretrained(folder)
+    _set_special_tokens(folder, bos_token="[CLS]", eos_token="[SEP]")
     return folder
 
 

@@ -69,26 +69,42 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_versus(tuned: dict[str, Any], base: dict[str, Any]) -> str:
+    """Tuned and un-tuned metrics side by side."""
+    keys = [k for k, v in tuned.items() if isinstance(v, (int, float)) and k in base]
+    lines = [f"{'':<14}{'tuned':>12}{'un-tuned':>12}"]
+    for k in keys:
+        a, b = tuned[k], base[k]
+        lines.append(f"{k:<14}{a:>12.4f}{b:>12.4f}" if isinstance(a, float) else f"{k:<14}{a:>12}{b:>12}")
+    return "\n".join(lines)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from tunelab.run import load
 
     run = load(args.run)
     if args.data:
-        metrics = run.evaluate(args.data)
+        metrics = run.evaluate(args.data, baseline=False if args.no_baseline else None)
         out = Path(args.output) if args.output else run.path / f"eval-{Path(args.data).stem}.json"
-        out.write_text(json.dumps(metrics, indent=2) + "\n")
-        print(format_metrics(metrics))
+        out.write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+        base = metrics.get("baseline")
+        print(format_versus(metrics, base) if base else format_metrics(metrics))
         print(f"\nwritten to {out}", file=sys.stderr)
         return 0
     report = json.loads((run.path / "eval.json").read_text())
     for split in ("validation", "test"):
         if split in report:
-            print(f"== {split}\n{format_metrics(report[split])}\n")
+            base = report.get("baseline", {}).get(split)
+            print(
+                f"== {split}\n{format_versus(report[split], base) if base else format_metrics(report[split])}\n"
+            )
     return 0
 
 
 def format_prediction(result: dict[str, Any]) -> str:
     """One prediction as text: label (scores), labels (scores), a value, or entity lines."""
+    if "generation" in result:
+        return result["generation"]
     if "entities" in result:
         return "\n".join(f"{e['text']}\t{e['type']}\t{e['start']}-{e['end']}\t{e['score']:.4f}"
                          for e in result["entities"]) or "(no entities)"  # fmt: skip
@@ -106,6 +122,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if (args.text is None) == (args.file is None):
         raise TunelabError("give either TEXT or --file FILE to predict on")
     run = load(args.run)
+    generation_options(run, args)
     if args.text is not None:
         for result in run.predict([args.text]):
             print(format_prediction(result))
@@ -117,6 +134,59 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(f"tunelab: {len(results)} predictions written to {args.output}", file=sys.stderr)
     else:
         sys.stdout.write(lines)
+    return 0
+
+
+def generation_options(run: Any, args: argparse.Namespace) -> None:
+    """Apply --max-new-tokens / --temperature / --top-p / --top-k / --system to the run."""
+    from tunelab.config import validate
+
+    options = run.config.generation
+    if args.max_new_tokens is not None:
+        options.max_new_tokens = args.max_new_tokens
+    if args.temperature is not None:  # a temperature means sampling; 0 means greedy
+        options.do_sample = args.temperature > 0
+        options.temperature = args.temperature or options.temperature
+    for name in ("top_p", "top_k", "system"):
+        if getattr(args, name) is not None:
+            setattr(options, name, getattr(args, name))
+    validate(run.config)  # names the bad option: generation.top_p ...
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from tunelab.generation import text_streamer
+    from tunelab.run import load
+
+    run = load(args.run)
+    if not run.task.generative:
+        raise TunelabError(f"{args.run} is a {run.config.task} run; chat needs a causal-lm run")
+    generation_options(run, args)
+    interactive = sys.stdin.isatty()
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    streamer = text_streamer(run.tokenizer, write)
+    history: list[dict[str, str]] = []
+    print(f"tunelab chat with {args.run}: /reset clears the conversation, /exit leaves", file=sys.stderr)
+    while True:
+        try:
+            message = input("you> " if interactive else "")
+        except EOFError:
+            break
+        message = message.strip()
+        if not message:
+            continue
+        if message in ("/exit", "/quit"):
+            break
+        if message == "/reset":
+            history = []
+            print("(conversation cleared)")
+            continue
+        write("assistant> ")
+        answer = run.chat(history, message, streamer)
+        history += [{"role": "user", "content": message}, {"role": "assistant", "content": answer}]
     return 0
 
 
@@ -152,6 +222,15 @@ def config_help() -> str:
     return "config keys (key=value):\n" + "\n".join(f"  {k:<{width}}{d} [default: {v}]" for k, d, v in rows)
 
 
+def add_generation_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation (causal-lm and seq2seq runs)")
+    g.add_argument("--max-new-tokens", type=int, metavar="N", help="longest answer, in tokens")
+    g.add_argument("--temperature", type=float, metavar="T", help="sample at this temperature (0: greedy)")
+    g.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling threshold")
+    g.add_argument("--top-k", type=int, metavar="K", help="sample among the K most likely tokens")
+    g.add_argument("--system", metavar="TEXT", help="system prompt")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tunelab import __version__
 
@@ -184,14 +263,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory")
     p.add_argument("--data", help="labelled file with the training columns")
     p.add_argument("--output", help="where to write the metrics JSON (default RUN/eval-<file>.json)")
+    p.add_argument(
+        "--no-baseline", action="store_true", help="generative runs: skip scoring the un-tuned model"
+    )
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("predict", help="predict labels for a text or a file")
+    p = sub.add_parser("predict", help="predict labels (or generate answers) for a text or a file")
     p.add_argument("run", help="run directory")
     p.add_argument("text", nargs="?", help="one input text")
     p.add_argument("--file", help="CSV/TSV/JSON/JSONL/Parquet file with the training text column")
     p.add_argument("--output", help="write JSON lines here instead of standard output")
+    add_generation_flags(p)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("chat", help="talk with a causal-lm run in the terminal (streams the answers)")
+    p.add_argument("run", help="run directory")
+    add_generation_flags(p)
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("augment", help="write the augmented training data to a file for inspection",
                        description="tunelab augment [CONFIG.yaml] [key=value ...] --output FILE")  # fmt: skip

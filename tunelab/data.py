@@ -1,7 +1,7 @@
 """Reading the user's data files into rows, with errors that name the file, line and column.
 
-Formats: CSV, TSV (no quoting, as GLUE ships it), JSON (a list of objects), JSONL and
-Parquet. Every row remembers where it came from (`file:line` for text formats, `file: row N`
+Formats: CSV, TSV (no quoting, as GLUE ships it), JSON (a list of objects), JSONL,
+Parquet and plain text (one document per line). Every row remembers where it came from (`file:line` for text formats, `file: row N`
 for JSON and Parquet), so a task's validation can point at the exact place to fix.
 """
 
@@ -19,7 +19,9 @@ from typing import Any
 
 from tunelab.errors import DataError
 
-FORMATS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "jsonl", ".parquet": "parquet"}
+FORMATS = {
+    ".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "jsonl", ".parquet": "parquet", ".txt": "text",
+}  # fmt: skip
 
 
 @dataclass
@@ -83,6 +85,7 @@ def read_table(path: str | Path, fmt: str = "auto") -> Table:
         "json": _read_json,
         "jsonl": _read_jsonl,
         "parquet": _read_parquet,
+        "text": _read_text,
     }[fmt]
     table = reader(path, fmt)
     if not table.rows:
@@ -126,6 +129,20 @@ def _read_delimited(path: Path, fmt: str) -> Table:
         except UnicodeDecodeError:
             raise _not_utf8(path) from None
     return Table(path, rows, lines, header)
+
+
+def _read_text(path: Path, fmt: str) -> Table:
+    """Plain text: each non-blank line is one document (column `text`)."""
+    rows, lines = [], []
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    rows.append({"text": line.rstrip("\r\n")})
+                    lines.append(f"line {number}")
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+    return Table(path, rows, lines, ["text"])
 
 
 def _columns(rows: list[dict[str, Any]]) -> list[str]:

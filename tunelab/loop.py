@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from tunelab.checkpoint import load_checkpoint, save_checkpoint
-from tunelab.config import Config
+from tunelab.config import Config, batch_size
 from tunelab.dist import Dist, all_reduce_sum, broadcast_flag, full_state, gather_tensors, shard_model
 from tunelab.errors import ConfigError, Interrupted
 
@@ -239,7 +239,7 @@ def fit(
     lengths = [len(e["input_ids"]) for e in train]
 
     # a global batch is batch_size x world size examples; each process takes its share
-    global_batch = tc.batch_size * dist.world
+    global_batch = batch_size(config) * dist.world
     steps_per_epoch = math.ceil(math.ceil(len(train) / global_batch) / tc.gradient_accumulation)
     total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
     model.to(device)
@@ -277,9 +277,7 @@ def fit(
         result.last_eval_step = result.steps
         stop = better = False
         if validation and (dist.is_main or fsdp):
-            logits = predict_logits(
-                evaluated, validation, task.collate, pad_id, tc.eval_batch_size, device, dtype
-            )
+            logits = task.outputs(evaluated, validation, pad_id, tc.eval_batch_size, device, dtype)
         if validation and dist.is_main:
             scores = task.metrics(logits, validation)
             if metric not in scores:

@@ -7,6 +7,7 @@ definitions match scikit-learn's (`zero_division=0`); tests check them on hand-w
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -181,3 +182,47 @@ def entity_metrics(truth: list[list[str]], predicted: list[list[str]]) -> dict[s
         "num_entities": len(true_set),
         "per_class": per_type,
     }
+
+
+# ------------------------------------------------------------------------ generation
+
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
+
+
+def _has_cjk(texts: list[str]) -> bool:
+    return any(_CJK.search(t) for t in texts)
+
+
+class _RougeTokens:
+    """ROUGE tokens: lower-cased words, with every CJK character a token of its own
+    (rouge-score's default tokenizer drops all non-ASCII text, so Chinese would score 0)."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return re.findall(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]|\w+",
+                          text.lower())  # fmt: skip
+
+
+def normalize_answer(text: str) -> str:
+    """For exact match: lower case, no surrounding punctuation, single spaces."""
+    return " ".join(text.lower().strip().strip(".!?,;:'\"").split())
+
+
+def generation_metrics(references: list[str], predictions: list[str]) -> dict[str, Any]:
+    """Corpus BLEU (sacrebleu, 0-100; its `zh` tokenizer when the references hold CJK text),
+    ROUGE-1/2/L F1 (rouge-score, 0-1, averaged over rows) and exact match (0-1)."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    if not references:
+        return {}
+    tokenize = "zh" if _has_cjk(references) else "13a"
+    bleu = sacrebleu.corpus_bleu(predictions, [references], tokenize=tokenize).score
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], tokenizer=_RougeTokens())
+    scores = [scorer.score(r, p) for r, p in zip(references, predictions)]
+    out = {"bleu": float(bleu)}
+    for key in ("rouge1", "rouge2", "rougeL"):
+        out[key] = float(np.mean([s[key].fmeasure for s in scores]))
+    out["exact_match"] = float(np.mean([normalize_answer(r) == normalize_answer(p)
+                                        for r, p in zip(references, predictions)]))  # fmt: skip
+    out["generated"] = len(references)
+    return out

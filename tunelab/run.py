@@ -40,7 +40,7 @@ from tunelab.config import Config, load_config, save_config, to_dict
 from tunelab.data import is_missing, read_table, require_columns
 from tunelab.dist import device_for, full_state, init_distributed, shutdown
 from tunelab.errors import Interrupted, TunelabError
-from tunelab.loop import fit, peak_rss_mb, pick_device, predict_logits, resolve_precision
+from tunelab.loop import fit, peak_rss_mb, pick_device, resolve_precision
 from tunelab.methods import METHODS
 from tunelab.models import count_params, load_tokenizer, quiet_transformers, resolve_model
 from tunelab.tasks import TASKS
@@ -111,8 +111,7 @@ def check_merge(
 
     method = METHODS[config.method]
     model = method.load(config, task, model_dir)
-    batch = task.collate(examples[:32], tokenizer.pad_token_id)
-    batch.pop("labels", None)
+    batch = task.probe_batch(examples[:32], tokenizer.pad_token_id)
     _, difference = merge_checked(method, model, batch)
     return {"max_abs_diff": difference, "examples": len(examples[:32])}
 
@@ -146,25 +145,39 @@ class Run:
         return cls(path, config, task, model, tokenizer)
 
     def logits(self, examples: list[dict[str, Any]]) -> list[np.ndarray]:
-        return predict_logits(
-            self.model,
-            examples,
-            self.task.collate,
-            self.tokenizer.pad_token_id,
-            self.config.train.eval_batch_size,
-            self.device,
-            self.dtype,
-        )
+        return self.task.outputs(self.model, examples, self.tokenizer.pad_token_id,
+                                 self.config.train.eval_batch_size, self.device, self.dtype)  # fmt: skip
 
     def predict(self, texts: str | list[str], pairs: list[str] | None = None) -> list[dict[str, Any]]:
         """The task's prediction for each text: label and probabilities (classification),
-        labels (multi-label), value (regression), or entities with offsets (token tasks)."""
+        labels (multi-label), value (regression), entities with offsets (token tasks), or the
+        generated answer (causal-lm: the text is the user's message; seq2seq: the source)."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         examples = self.task.encode_inputs(texts, self.tokenizer, pairs)
+        if self.task.generative:
+            return self.task.predictions(self.generate([e["prompt_text"] for e in examples]), examples)
         return self.task.predictions(self.logits(examples), examples)
 
+    def generate(
+        self, prompts: list[str], streamer: Any = None, max_new_tokens: int | None = None
+    ) -> list[str]:
+        """Generated text for rendered prompts, per the run's `generation` settings."""
+        return self.task.generate_texts(self.model, self.tokenizer, prompts, self.device, self.dtype,
+                                        max_new_tokens, streamer=streamer)  # fmt: skip
+
+    def chat(self, history: list[dict[str, str]], message: str, streamer: Any = None) -> str:
+        """The model's answer to `message` after the conversation `history` (which it does not change)."""
+        if not self.task.generative:
+            raise TunelabError(f"{self.path} is a {self.config.task} run; chat needs a causal-lm run")
+        return self.generate([self.task.prompt_for(message, self.tokenizer, history)], streamer)[0]
+
     def predict_file(self, path: str | Path) -> list[dict[str, Any]]:
-        """Predictions for every row of a file's `data.text_column` (+ text pair column)."""
+        """Predictions for every row of a file's `data.text_column` (+ text pair column); for
+        generative runs, an answer for each row's prompt (same layout as training, answer optional)."""
+        if self.task.generative:
+            prompts = self.task.file_prompts(self.task.read(str(path), need_labels=False), self.tokenizer)
+            answers = self.generate([p for _, p in prompts])
+            return [{"prompt": shown, "generation": a} for (shown, _), a in zip(prompts, answers)]
         d = self.config.data
         table = read_table(path, "auto" if d.format == "conll" else d.format)
         columns = [d.text_column] + ([d.text_pair_column] if d.text_pair_column else [])
@@ -181,10 +194,19 @@ class Run:
         pairs = [str(r[d.text_pair_column]) for r in table.rows] if d.text_pair_column else None
         return [{"text": t, **p} for t, p in zip(texts, self.predict(texts, pairs))]
 
-    def evaluate(self, path: str | Path) -> dict[str, Any]:
-        """Task metrics on a labelled file (same columns as training)."""
+    def evaluate(self, path: str | Path, baseline: bool | None = None) -> dict[str, Any]:
+        """Task metrics on a labelled file (same columns as training). Generative runs add
+        generation metrics, write the sample table beside the run (`samples-<file>.md/jsonl`),
+        and with `baseline` (default: generation.compare_base) score the un-tuned model under
+        the key "baseline"."""
         examples = self.task.encode(self.task.read(str(path)), self.tokenizer)
-        return self.task.metrics(self.logits(examples), examples)
+        if not self.task.generative:
+            return self.task.metrics(self.logits(examples), examples)
+        compare = self.config.generation.compare_base if baseline is None else baseline
+        metrics = generative_report(
+            self, {"data": examples}, compare, self.path, f"samples-{Path(path).stem}"
+        )
+        return {**metrics["data"], **({"baseline": metrics["baseline"]["data"]} if compare else {})}
 
 
 def partial_dir(out: Path) -> Path:
@@ -277,13 +299,13 @@ def train(
     tokenizer = load_tokenizer(model_path)
     task = TASKS[config.task](config)
     splits = task.load_splits(tokenizer)
-    config.data.labels = list(task.labels) if config.task != "regression" else None
+    config.data.labels = list(task.labels) if task.labels and config.task != "regression" else None
     method = METHODS[config.method]
     lr = config.train.learning_rate or method.DEFAULT_LR
     speak = say if dist.is_main else (lambda message: None)
     speak(f"data: {len(splits.train)} train, {len(splits.validation)} validation"
           + (f", {len(splits.test)} test" if splits.test else "")
-          + (f"; labels: {', '.join(task.labels)}" if config.task != "regression" else ""))  # fmt: skip
+          + (f"; labels: {', '.join(task.labels)}" if config.data.labels else ""))  # fmt: skip
 
     seed_everything(config.seed)
     model = task.build_model(model_path)
@@ -364,6 +386,18 @@ def finish_run(config: Config, task: Any, method: Any, model: torch.nn.Module, t
             say(f"tuned on validation: {decided}")
     for name, logits in outputs.items():
         report[name] = task.metrics(logits, getattr(splits, name))
+    if task.generative:
+        scored = {"test": splits.test} if splits.test else {"validation": splits.validation}
+        generated = generative_report(run, scored, config.generation.compare_base, tmp, "samples")
+        for name in scored:
+            report[name].update(generated[name])
+        if config.generation.compare_base:
+            others = {n: rows for n, rows in (("validation", splits.validation), ("test", splits.test))
+                      if rows and n not in scored}  # fmt: skip
+            base = (
+                generative_report(run, others, True, None, "", generate=False) if others else {"baseline": {}}
+            )
+            report["baseline"] = {**base["baseline"], **generated["baseline"]}
     report["train"] = {**result.summary(), "peak_rss_mb": round(rss, 1), "trainable_params": trainable,
                        "total_params": total, "learning_rate": lr, "train_examples": len(splits.train)}  # fmt: skip
     method.save(model, tmp / "model")
@@ -386,6 +420,41 @@ def finish_run(config: Config, task: Any, method: Any, model: torch.nn.Module, t
     say(f"done in {result.runtime_s:.1f}s ({result.summary()['samples_per_s']:.1f} samples/s); "
         f"{task.default_metric}: {summary}; run saved to {out}")  # fmt: skip
     return run
+
+
+def generative_report(run: Run, splits: dict[str, list[dict[str, Any]]], baseline: bool, folder: Path | None,
+                      stem: str, generate: bool = True) -> dict[str, Any]:  # fmt: skip
+    """Loss, perplexity and (with `generate`) generation metrics of the run's model on each
+    split; with `baseline`, the same for the un-tuned model under "baseline". The sample
+    table of prompt / reference / generation (+ the un-tuned model's) goes to `folder/stem`."""
+    from tunelab.tasks.generative import write_samples
+
+    task, tokenizer = run.task, run.tokenizer
+    models = [("tuned", run.model)]
+    if baseline:
+        say("scoring the un-tuned model on the same rows")
+        models.append(("baseline", task.base_model().to(run.device).eval()))
+    out: dict[str, Any] = {"baseline": {}} if baseline else {}
+    texts: dict[str, dict[str, list[str]]] = {}
+    for kind, model in models:
+        for name, examples in splits.items():
+            rows = task.scored_rows(examples) if generate else []
+            if rows:
+                say(f"{kind} model: generating answers for {len(rows)} {name} rows")
+            metrics, generations = task.evaluate_model(
+                model, tokenizer, examples, run.device, run.dtype, generate
+            )
+            (out["baseline"] if kind == "baseline" else out)[name] = metrics
+            texts.setdefault(name, {})[kind] = generations
+    if folder is not None:
+        for name, examples in splits.items():
+            rows = task.scored_rows(examples)
+            if rows and texts[name].get("tuned"):
+                suffix = f"-{name}" if len(splits) > 1 else ""
+                write_samples(
+                    folder / f"{stem}{suffix}", rows, texts[name]["tuned"], texts[name].get("baseline")
+                )
+    return out
 
 
 def load(path: str | Path) -> Run:

@@ -2,16 +2,21 @@
 
 Each task is one module with the same small contract (see `classification.py`):
 `load_splits`, `read`, `encode`, `encode_inputs`, `build_model`, `collate`, `units`, `loss`,
-`metrics`, `calibrate`, `predictions`, and the attributes `name`, `default_metric`,
-`head_modules` and `peft_task_type`.
+`metrics`, `calibrate`, `predictions` (and from `base.Task`: `outputs`, `probe_batch`), and the
+attributes `name`, `default_metric`, `head_modules`, `peft_task_type` and `generative`.
+The generative tasks (`causal_lm.py`, `seq2seq.py`) share `generative.py`.
 """
 
+from tunelab.tasks.causal_lm import CausalLMTask
 from tunelab.tasks.classification import ClassificationTask
 from tunelab.tasks.regression import RegressionTask
+from tunelab.tasks.seq2seq import Seq2SeqTask
 from tunelab.tasks.token_classification import TokenClassificationTask
 
 TASKS = {
     "classification": ClassificationTask,
     "regression": RegressionTask,
     "token-classification": TokenClassificationTask,
+    "causal-lm": CausalLMTask,
+    "seq2seq": Seq2SeqTask,
 }

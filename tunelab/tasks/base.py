@@ -9,6 +9,25 @@ from typing import Any
 import torch
 
 
+class Task:
+    """Defaults shared by every task: model outputs come from one forward pass per batch."""
+
+    generative = False  # generates text (causal-lm, seq2seq): scored on generations too
+
+    def outputs(self, model: torch.nn.Module, examples: list[dict[str, Any]], pad_id: int, batch_size: int,
+                device: torch.device, dtype: torch.dtype | None) -> list[Any]:  # fmt: skip
+        """What `metrics` and `predictions` read: here the logits of each example."""
+        from tunelab.loop import predict_logits
+
+        return predict_logits(model, examples, self.collate, pad_id, batch_size, device, dtype)  # type: ignore[attr-defined]
+
+    def probe_batch(self, examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+        """Model inputs for a few examples, to compare two models' logits (merge and export checks)."""
+        batch = self.collate(examples, pad_id)  # type: ignore[attr-defined]
+        batch.pop("labels", None)
+        return batch
+
+
 @dataclass
 class Splits:
     """Encoded examples per split; each example is a dict of token lists (+ "labels")."""

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tunelab.config import Config
+from tunelab.config import Config, max_length
 from tunelab.data import Table, is_missing, read_table, require_columns, shots
 from tunelab.errors import DataError
 from tunelab.metrics import classification_metrics, multilabel_metrics
-from tunelab.tasks.base import Splits, collate_tokens, encode_texts, split_and_encode
+from tunelab.tasks.base import Splits, Task, collate_tokens, encode_texts, split_and_encode
 
 
 def label_name(value: Any) -> str:
@@ -45,7 +45,7 @@ def _flag(value: Any) -> bool | None:
     return {"1": True, "true": True, "0": False, "false": False, "": False}.get(text)
 
 
-class ClassificationTask:
+class ClassificationTask(Task):
     name = "classification"
     # the task head: HF names of the fresh classifier, plus the pretrained pooler of BERT-style
     # encoders, which feeds only the head and so trains with it
@@ -177,14 +177,14 @@ class ClassificationTask:
         d = self.config.data
         texts = [str(r[d.text_column]) for r in table.rows]
         pairs = [str(r[d.text_pair_column]) for r in table.rows] if d.text_pair_column else None
-        examples = encode_texts(tokenizer, texts, pairs, d.max_length)
+        examples = encode_texts(tokenizer, texts, pairs, max_length(self.config))
         if with_labels:
             for example, label in zip(examples, self.label_ids(table)):
                 example["labels"] = label
         return examples
 
     def encode_inputs(self, texts: list[str], tokenizer: Any, pairs: list[str] | None = None) -> list[dict]:
-        return encode_texts(tokenizer, texts, pairs, self.config.data.max_length)
+        return encode_texts(tokenizer, texts, pairs, max_length(self.config))
 
     # ----------------------------------------------------------------- model
     def build_model(self, path: str) -> torch.nn.Module:

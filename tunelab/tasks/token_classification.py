@@ -18,10 +18,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tunelab.config import max_length
 from tunelab.data import Table, read_table, require_columns
 from tunelab.errors import DataError
 from tunelab.metrics import entity_metrics, get_entities
-from tunelab.tasks.base import Splits, collate_tokens, split_and_encode
+from tunelab.tasks.base import Splits, Task, collate_tokens, split_and_encode
 
 CONLL_SUFFIXES = {".conll", ".txt", ".bio", ".iob", ".conllu"}
 WORD = re.compile(r"\w+(?:['’-]\w+)*|[^\w\s]")
@@ -63,7 +64,7 @@ def split_words(text: str) -> list[tuple[str, int, int]]:
     return [(m.group(), m.start(), m.end()) for m in WORD.finditer(text)]
 
 
-class TokenClassificationTask:
+class TokenClassificationTask(Task):
     name = "token-classification"
     default_metric = "f1_micro"
     head_modules = ("classifier",)
@@ -133,9 +134,7 @@ class TokenClassificationTask:
     def _encode_words(self, words: list[list[str]], tokenizer: Any) -> list[dict[str, Any]]:
         if not getattr(tokenizer, "is_fast", False):
             raise DataError("token classification needs a fast tokenizer (one with tokenizer.json)")
-        enc = tokenizer(
-            words, is_split_into_words=True, truncation=True, max_length=self.config.data.max_length
-        )
+        enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length(self.config))
         examples = []
         for i in range(len(words)):
             starts: list[int] = []
