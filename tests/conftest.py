@@ -90,8 +90,8 @@ def _set_special_tokens(folder: Path, **tokens: str) -> None:
 
 
 def write_tiny_seq2seq(folder: Path, kind: str) -> Path:
-    """A random T5 or BART encoder-decoder sharing the tiny WordPiece vocabulary
-    ([PAD]=0, [CLS]=2 as bos / decoder start, [SEP]=3 as eos)."""
+    """A random T5 or BART encoder-decoder sharing the tiny WordPiece vocabulary ([PAD]=0,
+    [CLS]=2 as bos, [SEP]=3 as eos; the decoder starts from [PAD] as T5 does, [CLS] for BART)."""
     import torch
     from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
 
@@ -101,7 +101,7 @@ def write_tiny_seq2seq(folder: Path, kind: str) -> Path:
     from transformers import AutoTokenizer
 
     vocab = len(AutoTokenizer.from_pretrained(folder))
-    ids = {"pad_token_id": 0, "eos_token_id": 3, "decoder_start_token_id": 2}
+    ids = {"pad_token_id": 0, "eos_token_id": 3, "decoder_start_token_id": 0 if kind == "t5" else 2}
     if kind == "t5":
         config = T5Config(vocab_size=vocab, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                           dropout_rate=0.0, **ids)  # fmt: skip

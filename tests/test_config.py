@@ -175,9 +175,9 @@ def test_unknown_key_in_yaml(tmp_path):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("train.batch_size=big", "train.batch_size: expected int, got 'big'"),
-        ("train.batch_size=1.5", "train.batch_size: expected int, got 1.5"),
-        ("train.batch_size=true", "train.batch_size: expected int, got True"),
+        ("train.batch_size=big", "train.batch_size: expected int or null, got 'big'"),
+        ("train.batch_size=1.5", "train.batch_size: expected int or null, got 1.5"),
+        ("train.batch_size=true", "train.batch_size: expected int or null, got True"),
         ("train.learning_rate=fast", "train.learning_rate: expected float or null, got 'fast'"),
         ("train.progress_bar=maybe", "train.progress_bar: expected bool, got 'maybe'"),
         ("data.text_column=null", "data.text_column: expected str, got None"),
@@ -293,7 +293,18 @@ def test_every_leaf_field_has_a_doc():
     assert all(
         "." not in key
         or key.split(".")[0]
-        in {"data", "train", "classification", "freeze", "lora", "adapter", "prefix", "prompt", "ia3"}
+        in {
+            "data",
+            "train",
+            "classification",
+            "freeze",
+            "lora",
+            "adapter",
+            "prefix",
+            "prompt",
+            "ia3",
+            "generation",
+        }
         for key in keys
     )
     defaults = {key: default for key, _, default in rows}

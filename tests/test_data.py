@@ -134,10 +134,10 @@ def test_format_setting_overrides_the_extension(tmp_path):
 
 
 def test_unknown_extension(tmp_path):
-    path = write(tmp_path / "train.txt", "text,label\ngood,pos\n")
+    path = write(tmp_path / "train.dat", "text,label\ngood,pos\n")
     message = (
-        f"{path}: cannot tell the format from the extension '.txt'; rename the file to one of "
-        f".csv, .tsv, .json, .jsonl, .parquet or set data.format"
+        f"{path}: cannot tell the format from the extension '.dat'; rename the file to one of "
+        f".csv, .tsv, .json, .jsonl, .parquet, .txt or set data.format"
     )
     with pytest.raises(DataError, match="^" + re.escape(message) + "$"):
         read_table(path)

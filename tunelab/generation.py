@@ -70,14 +70,20 @@ def generate(
     tokenizer.padding_side = "right" if encoder_decoder else "left"
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out = [""] * len(prompts)
+    positions = getattr(model.config, "max_position_embeddings", None)
     try:
         for s in range(0, len(order), batch_size):
             chunk = order[s : s + batch_size]
             enc = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True,
                             add_special_tokens=add_special_tokens or encoder_decoder)  # fmt: skip
             enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+            # never run past the model's position table
+            room = positions - (0 if encoder_decoder else enc["input_ids"].shape[1]) if positions else None
+            step = (
+                {**kwargs, "max_new_tokens": max(1, min(kwargs["max_new_tokens"], room))} if room else kwargs
+            )
             with autocast(device, dtype):
-                generated = model.generate(**enc, **kwargs, streamer=streamer)
+                generated = model.generate(**enc, **step, streamer=streamer)
             new = generated if encoder_decoder else generated[:, enc["input_ids"].shape[1] :]
             for row, i in enumerate(chunk):
                 out[i] = tokenizer.decode(new[row], skip_special_tokens=True).strip()

@@ -111,7 +111,8 @@ class GenerativeTask(Task):
         labels = batch.pop("labels")
         mask, target = self.targets(labels)
         with only_positions(model, mask):
-            logits = model(**batch).logits
+            # no KV cache: nothing is generated, and a cache turns off transformers' packed-row masking
+            logits = model(**batch, use_cache=False).logits
         rows = mask.nonzero()[:, 0]
         return F.cross_entropy(logits.float(), target, reduction="none"), rows
 
