@@ -21,7 +21,7 @@ def run_args(bert, files, out, batch_size):
 
 def trajectory(run):
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [(e["step"], e["loss"]) for e in lines if "loss" in e]
+    return [(e["step"], e["loss"]) for e in lines if "loss" in e and "split" not in e]
 
 
 def assert_same_trajectory(a, b, steps):
@@ -86,3 +86,25 @@ def test_fsdp_matches_one_process_and_resumes_after_sigterm(sentiment_files, tmp
     predicted = subprocess.run([sys.executable, "-m", "tunelab", "predict", str(sharded), "a lovely warm film"],
                                capture_output=True, text=True, timeout=300)  # fmt: skip
     assert predicted.returncode == 0, predicted.stderr
+
+
+def test_causal_lm_under_two_processes_follows_one_process(tmp_path):
+    """The target-only loss reaches through the DDP wrapper; the token-normalised global step
+    gives the same losses as one process with the whole batch."""
+    from .conftest import write_tiny_llama
+
+    llama = write_tiny_llama(tmp_path / "llama")
+    rows = [{"instruction": f"the {w} was", "output": "good great fine" if i % 2 else "bad"}
+            for i, w in enumerate(["movie", "film", "plot", "acting"] * 8)]  # fmt: skip
+    (tmp_path / "train.json").write_text(json.dumps(rows))
+    runs = {}
+    for procs, batch in ((1, 8), (2, 4)):
+        out = tmp_path / f"run{procs}"
+        args = ["train", f"model={llama}", "task=causal-lm", "method=full", f"data.train={tmp_path / 'train.json'}",
+                "train.epochs=2", f"train.batch_size={batch}", "train.precision=fp32", "train.log_steps=1",
+                "train.progress_bar=false", "generation.eval_samples=0", f"output_dir={out}"]  # fmt: skip
+        done = subprocess.run([sys.executable, "-m", "tunelab", *args, *(["--nproc", "2"] if procs == 2 else [])],
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        runs[procs] = trajectory(out)
+    assert_same_trajectory(runs[1], runs[2], 8)

@@ -76,3 +76,37 @@ def test_smollm2_classifies_with_lora(smollm2, tmp_path):
     report = json.loads((out / "eval.json").read_text())
     assert report["test"]["accuracy"] > 0.8, report["test"]
     assert report["merge"]["max_abs_diff"] < 1e-3
+
+
+def test_smollm2_chat_template_makes_the_answer_and_end_of_turn_the_targets(smollm2, tmp_path):
+    from tunelab.config import load_config
+    from tunelab.generation import stop_token_ids
+    from tunelab.models import load_tokenizer
+    from tunelab.tasks import TASKS
+
+    rows = [{"instruction": "请给出三个保持健康的建议。", "input": "", "output": "多喝水。"}]
+    path = tmp_path / "zh.json"
+    path.write_text(json.dumps(rows, ensure_ascii=False))
+    task = TASKS["causal-lm"](load_config(model="smollm2-135m", task="causal-lm"))
+    tokenizer = load_tokenizer(smollm2)
+    table = task.read(str(path))
+    task.template(tokenizer)
+    (example,) = task.encode(table, tokenizer)
+    kept = [t for t, label in zip(example["input_ids"], example["labels"]) if label != -100]
+    assert tokenizer.decode(kept) == "多喝水。<|im_end|>\n"
+    assert example["prompt_text"].endswith("请给出三个保持健康的建议。<|im_end|>\n<|im_start|>assistant\n")
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in stop_token_ids(tokenizer)
+
+
+def test_smollm2_instruction_tuning_end_to_end(smollm2, tmp_path):
+    """A few LoRA steps on the bundled instructions: the run scores itself and the un-tuned model."""
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "tunelab", "train", "examples/alpaca.yaml", "train.max_steps=3",
+                             "data.max_length=160", "generation.eval_samples=2", "generation.eval_max_new_tokens=8",
+                             f"output_dir={out}"], capture_output=True, text=True, timeout=600,
+                            cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "eval.json").read_text())
+    assert report["validation"]["generated"] == 2 and report["baseline"]["validation"]["generated"] == 2
+    assert report["validation"]["loss"] < report["baseline"]["validation"]["loss"]
+    assert (out / "model" / "chat_template.jinja").is_file()

@@ -54,7 +54,7 @@ def detect_layout(table: Table, text_column: str) -> str:
     if table.path.suffix.lower() == ".txt":
         return "text"
     for layout, needed in (("messages", {"messages"}), ("sharegpt", {"conversations"}),
-                           ("alpaca", {"instruction"}), ("prompt-completion", {"prompt", "completion"})):  # fmt: skip
+                           ("alpaca", {"instruction"}), ("prompt-completion", {"prompt"})):  # fmt: skip
         if needed <= columns:
             return layout
     if text_column in columns:

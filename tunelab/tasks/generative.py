@@ -42,7 +42,8 @@ def only_positions(model: torch.nn.Module, mask: torch.Tensor) -> Iterator[None]
             keep = F.pad(keep, (hidden.shape[1] - keep.shape[1], 0), value=False)
         return (hidden[keep], *args[1:])
 
-    handle = model.get_output_embeddings().register_forward_pre_hook(select)
+    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    handle = inner.get_output_embeddings().register_forward_pre_hook(select)
     try:
         yield
     finally:
@@ -132,7 +133,7 @@ class GenerativeTask(Task):
         model.eval()
         order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
         out: list[np.ndarray] = [np.zeros(2)] * len(examples)
-        step = max(1, batch_size // 4)  # long rows; the full-width logits of a row are large
+        step = max(1, batch_size // 8)  # long rows, and vocabulary-wide logits at each target
         for s in range(0, len(order), step):
             chunk = order[s : s + step]
             batch = to_device(self.collate([examples[i] for i in chunk], pad_id), device)
