@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--ask", default="Give three tips for staying healthy.")
     parser.add_argument("--out", default=None, help="run directory (default runs/sft-<file>)")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--reuse", action="store_true", help="keep a finished run at --out; only evaluate it")
     args = parser.parse_args()
 
     rows = json.loads(Path(args.data).read_text())
@@ -50,9 +51,12 @@ def main() -> None:
     if args.max_train:
         command.append(f"data.max_train_samples={args.max_train}")
     began = time.perf_counter()
-    subprocess.run(command, check=True)
+    if not (args.reuse and (out / "eval.json").is_file()):
+        subprocess.run(command, check=True)
     train_s = time.perf_counter() - began
-    subprocess.run([*tunelab, "eval", str(out), "--data", str(held)], check=True)
+    subprocess.run(
+        [*tunelab, "eval", str(out), "--data", str(held), "--samples", str(args.held_out)], check=True
+    )
     answer = subprocess.run(
         [*tunelab, "predict", str(out), args.ask], check=True, capture_output=True, text=True
     )
@@ -64,7 +68,7 @@ def main() -> None:
     with open(results / "instruction_sft.jsonl", "a") as f:
         f.write(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "data": Path(args.data).name,
                             "method": args.method, "train_rows": report["train"]["train_examples"],
-                            "train_s": round(train_s, 1), "train": report["train"], "held_out": metrics,
+                            "train_s": round(train_s, 1) if train_s > 5 else None, "train": report["train"], "held_out": metrics,
                             "ask": args.ask, "answer": answer.stdout.strip()}, ensure_ascii=False) + "\n")  # fmt: skip
 
 

@@ -257,11 +257,12 @@ def test_predict_eval_and_chat_on_a_causal_lm_run(chat_run, tmp_path, capsys):
     lines = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert len(lines) == 8 and lines[0]["generation"] == ANSWER
 
-    assert main(["eval", str(out), "--data", str(test)]) == 0
+    assert main(["eval", str(out), "--data", str(test), "--samples", "3"]) == 0
     printed = capsys.readouterr().out
     assert "un-tuned" in printed and "rougeL" in printed
     metrics = json.loads((out / "eval-test.json").read_text())
     assert metrics["exact_match"] == 1.0 and metrics["baseline"]["loss"] > metrics["loss"]
+    assert metrics["generated"] == 3 and metrics["baseline"]["generated"] == 3
     assert (out / "samples-test.md").is_file()
 
     chat = subprocess.run([sys.executable, "-m", "tunelab", "chat", str(out), "--max-new-tokens", "6"],

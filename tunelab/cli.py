@@ -83,6 +83,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tunelab.run import load
 
     run = load(args.run)
+    if args.samples is not None:
+        from tunelab.config import validate
+
+        run.config.generation.eval_samples = args.samples
+        validate(run.config)
     if args.data:
         metrics = run.evaluate(args.data, baseline=False if args.no_baseline else None)
         out = Path(args.output) if args.output else run.path / f"eval-{Path(args.data).stem}.json"
@@ -190,6 +195,17 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from tunelab.export import export
+
+    if args.merge == args.adapter_only:
+        raise TunelabError(
+            "choose one: --merge (a plain Hugging Face model) or --adapter-only (a PEFT adapter)"
+        )
+    export(args.run, args.out, merge=args.merge, say=lambda m: print(m, file=sys.stderr))
+    return 0
+
+
 def cmd_augment(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -266,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-baseline", action="store_true", help="generative runs: skip scoring the un-tuned model"
     )
+    p.add_argument("--samples", type=int, metavar="N",
+                   help="generative runs: rows to generate for BLEU/ROUGE (default: the run's generation.eval_samples)")  # fmt: skip
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="predict labels (or generate answers) for a text or a file")
@@ -280,6 +298,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory")
     add_generation_flags(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("export", help="write a checked Hugging Face model or PEFT adapter folder")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--out", required=True, help="folder to create")
+    p.add_argument(
+        "--merge", action="store_true", help="merge into plain weights: AutoModelFor...from_pretrained(OUT)"
+    )
+    p.add_argument(
+        "--adapter-only", action="store_true", help="the PEFT adapter (+ head): PeftModel.from_pretrained"
+    )
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("augment", help="write the augmented training data to a file for inspection",
                        description="tunelab augment [CONFIG.yaml] [key=value ...] --output FILE")  # fmt: skip

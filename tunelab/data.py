@@ -1,8 +1,9 @@
 """Reading the user's data files into rows, with errors that name the file, line and column.
 
-Formats: CSV, TSV (no quoting, as GLUE ships it), JSON (a list of objects), JSONL,
-Parquet and plain text (one document per line). Every row remembers where it came from (`file:line` for text formats, `file: row N`
-for JSON and Parquet), so a task's validation can point at the exact place to fix.
+Formats: CSV, TSV (no quoting, as GLUE ships it), JSON (a list of objects), JSONL, Parquet
+and plain text (one document per line). Every row remembers where it came from (`file:line`
+for text formats, `file: row N` for JSON and Parquet), so a task's validation can point at
+the exact place to fix.
 """
 
 from __future__ import annotations

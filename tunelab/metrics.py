@@ -3,6 +3,7 @@
 Classification metrics are a few lines of counting over a confusion matrix; they are written
 here with numpy rather than pulling in scikit-learn (and scipy) as a hard dependency. The
 definitions match scikit-learn's (`zero_division=0`); tests check them on hand-worked cases.
+Generation metrics use the reference implementations: sacrebleu (BLEU) and rouge-score.
 """
 
 from __future__ import annotations

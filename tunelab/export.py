@@ -1,0 +1,182 @@
+"""`tunelab export`: a finished run as an artifact the rest of the ecosystem loads, checked
+before it is reported.
+
+- `--merge`: a plain Hugging Face folder (safetensors, config with `id2label`, tokenizer with
+  the chat template used in training, generation config that stops at the end of a turn),
+  loadable by `AutoModelFor...from_pretrained(DIR)` without tunelab.
+- `--adapter-only`: the PEFT adapter folder (with the trained task head as
+  `modules_to_save`), loadable by `peft.PeftModel.from_pretrained(base, DIR)`.
+
+Each export is written to a hidden sibling folder, reloaded the way a user would load it
+(plain transformers / peft, no tunelab code), run on a few held-out inputs next to the
+training-time model, and moved into place only when the logits agree within tolerance; the
+report (`export.json` inside the folder) records the difference.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunelab.errors import TunelabError
+
+AUTO_CLASSES = {
+    "classification": "AutoModelForSequenceClassification",
+    "regression": "AutoModelForSequenceClassification",
+    "token-classification": "AutoModelForTokenClassification",
+    "causal-lm": "AutoModelForCausalLM",
+    "seq2seq": "AutoModelForSeq2SeqLM",
+}
+TOLERANCE = 1e-3  # max |logit difference| between the export and the training-time model (fp32)
+PROBE_TEXTS = ["The service was quick and friendly.", "Angela Merkel visited Paris last week.",
+               "Give three tips for staying healthy.", "It rained all day, so we stayed in."]  # fmt: skip
+
+
+def auto_class(task: str) -> Any:
+    import transformers
+
+    return getattr(transformers, AUTO_CLASSES[task])
+
+
+def probe_examples(run: Any, n: int = 8) -> list[dict[str, Any]]:
+    """A few held-out inputs for the check: rows of the run's test / validation / train file
+    when it is still there, else fixed sentences."""
+    d = run.config.data
+    for path in (d.test, d.validation, d.train):
+        if path and Path(path).is_file():
+            try:
+                examples = run.task.encode(run.task.read(path), run.tokenizer)
+            except Exception:  # noqa: BLE001 - a changed file only means we fall back to fixed texts
+                continue
+            if examples:
+                return examples[:n]
+    examples = run.task.encode_inputs(PROBE_TEXTS, run.tokenizer)
+    for e in examples:
+        if "input_ids" not in e:  # causal-lm prompts are text until tokenized
+            e["input_ids"] = run.tokenizer(e["prompt_text"], add_special_tokens=False)["input_ids"]
+    return examples[:n]
+
+
+@torch.no_grad()
+def max_difference(a: torch.nn.Module, b: torch.nn.Module, batch: dict[str, torch.Tensor]) -> float:
+    a.eval()
+    b.eval()
+    return float((a(**batch).logits.float() - b(**batch).logits.float()).abs().max())
+
+
+def export(run_dir: str | Path, out: str | Path, merge: bool, say: Any = print) -> dict[str, Any]:
+    """Write and verify an export of a finished run; returns the check report.
+
+    Raises:
+        TunelabError: the method cannot be exported that way, the destination exists, or
+            the reloaded export does not reproduce the run's outputs.
+    """
+    from tunelab.run import Run
+
+    out = Path(out)
+    if out.exists():
+        raise TunelabError(f"{out} already exists; choose another --out or remove it")
+    run = Run.load(run_dir)
+    method = run.config.method
+    module = _method(method)
+    if merge and module.merge is None:
+        other = " use --adapter-only (a PEFT folder) instead," if method in ("prefix", "prompt") else ""
+        raise TunelabError(f"method {method} cannot be merged into the base weights (its extra parameters are "
+                           f"not a change of existing weights);{other} or train with lora/ia3/full/freeze")  # fmt: skip
+    if not merge and method not in ("lora", "ia3", "prefix", "prompt"):
+        hint = "use --merge (the run already is plain weights)" if method in ("full", "freeze") else \
+            "bottleneck adapters have no PEFT format; train with lora or ia3 to get one"  # fmt: skip
+        raise TunelabError(f"method {method} has no PEFT adapter to export; {hint}")
+    run.model.to("cpu").float()
+    batch = run.task.probe_batch(probe_examples(run), run.tokenizer.pad_token_id)
+    tmp = out.parent / f".{out.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        if merge:
+            report = _export_merged(run, module, tmp, batch)
+        else:
+            report = _export_adapter(run, tmp, batch)
+        report.update(_chat_check(run, tmp))
+        (tmp / "export.json").write_text(json.dumps(report, indent=2) + "\n")
+        if report["max_abs_diff"] > TOLERANCE:
+            raise TunelabError(f"export check failed: the reloaded export's logits differ from the run's by "
+                               f"{report['max_abs_diff']:.3g} (tolerance {TOLERANCE:g}); nothing was written to {out}")  # fmt: skip
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    say(f"tunelab: export checked on {report['examples']} held-out inputs: logits differ from the run's by at "
+        f"most {report['max_abs_diff']:.2e}; written to {out}")  # fmt: skip
+    return report
+
+
+def _method(name: str) -> Any:
+    from tunelab.methods import METHODS
+
+    return METHODS[name]
+
+
+def _export_merged(run: Any, module: Any, tmp: Path, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    import copy
+
+    merged = module.merge(copy.deepcopy(run.model)).eval()
+    merged.save_pretrained(tmp)
+    run.tokenizer.save_pretrained(tmp)
+    if run.task.generative:
+        _generation_config(run, tmp)
+    reloaded = auto_class(run.config.task).from_pretrained(tmp, dtype=torch.float32)
+    return {"kind": "merged", "loads_with": f"transformers.{AUTO_CLASSES[run.config.task]}.from_pretrained",
+            "max_abs_diff": max_difference(run.model, reloaded, batch), "examples": batch["input_ids"].shape[0],
+            "method": run.config.method, "task": run.config.task}  # fmt: skip
+
+
+def _export_adapter(run: Any, tmp: Path, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    from peft import PeftModel
+
+    from tunelab.models import resolve_model
+
+    run.model.save_pretrained(tmp)
+    run.tokenizer.save_pretrained(tmp)
+    base_path = resolve_model(run.config.model)
+    base = run.task.build_model(base_path)  # the same head shape (labels) as training
+    reloaded = PeftModel.from_pretrained(base, str(tmp))
+    return {"kind": "adapter", "loads_with": "peft.PeftModel.from_pretrained", "base_model": base_path,
+            "max_abs_diff": max_difference(run.model, reloaded, batch), "examples": batch["input_ids"].shape[0],
+            "method": run.config.method, "task": run.config.task}  # fmt: skip
+
+
+def _generation_config(run: Any, folder: Path) -> None:
+    """Make plain `generate` stop where tunelab stops: at eos or the template's end of turn."""
+    from transformers import GenerationConfig
+
+    from tunelab.generation import stop_token_ids
+
+    try:
+        config = GenerationConfig.from_pretrained(folder)
+    except OSError:
+        config = GenerationConfig()
+    config.eos_token_id = stop_token_ids(run.tokenizer)
+    config.pad_token_id = run.tokenizer.pad_token_id
+    config.save_pretrained(folder)
+
+
+def _chat_check(run: Any, folder: Path) -> dict[str, Any]:
+    """For chat runs: the saved template and end-of-turn tokens are those used in training."""
+    if run.config.task != "causal-lm":
+        return {}
+    from transformers import AutoTokenizer
+
+    from tunelab.generation import stop_token_ids
+
+    saved = AutoTokenizer.from_pretrained(folder)
+    same_template = saved.chat_template == run.tokenizer.chat_template
+    stops, saved_stops = stop_token_ids(run.tokenizer), stop_token_ids(saved)
+    if not same_template or stops != saved_stops:
+        raise TunelabError(f"export check failed: the saved tokenizer's chat template or end-of-turn tokens "
+                           f"({saved_stops}) differ from training's ({stops})")  # fmt: skip
+    return {"chat_template": "same as training", "stop_token_ids": stops}
