@@ -218,6 +218,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from tunelab.compare import compare
+
+    config, overrides = None, list(args.overrides)
+    if overrides and "=" not in overrides[0]:
+        config = overrides.pop(0)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    compare(config, overrides, methods, seeds=args.seeds, epochs=args.epochs, budget=args.budget,
+            lr_sweep=args.lr_sweep, max_memory=args.max_memory, max_time=args.max_time, out=args.out,
+            say=lambda m: print(m, file=sys.stderr, flush=True))  # fmt: skip
+    return 0
+
+
 def cmd_augment(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -322,6 +335,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("compare", help="train every method on the same data and budget; report and recommend",
+                       description="tunelab compare [CONFIG.yaml] [key=value ...] --methods none,full,lora,...")  # fmt: skip
+    p.add_argument("overrides", nargs="*", metavar="CONFIG|key=value", help="as for train")
+    p.add_argument("--methods", default="none,full,freeze,lora,adapter,prefix,prompt,ia3",
+                   help="comma-separated: none (no training) and any of the methods (default: all)")  # fmt: skip
+    p.add_argument("--epochs", type=float, help="epochs for every method (default: the config's)")
+    p.add_argument("--budget", help="time limit per run, e.g. 10m, 90s, 1h (training stops there, best kept)")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per method (mean ± std in the report)")
+    p.add_argument("--lr-sweep", action="store_true", help="try each method's default LR x 1/3, 1, 3")
+    p.add_argument(
+        "--max-memory", type=float, metavar="MB", help="recommend the best method within this peak memory"
+    )
+    p.add_argument(
+        "--max-time", type=float, metavar="MIN", help="recommend the best method within this training time"
+    )
+    p.add_argument("--out", help="folder for the runs and report (default runs/compare-<name>)")
+    p.set_defaults(func=cmd_compare)
+
     p = sub.add_parser("serve", help="serve a run or exported model over HTTP (OpenAI-style API + a page)")
     p.add_argument("run", help="run directory, or a Hugging Face folder from tunelab export --merge")
     p.add_argument(
@@ -352,7 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     # `train` overrides may come before or after flags: `train a=1 --overwrite b=2`.
     args, extra = parser.parse_known_args(argv)
     args.argv = argv
-    if args.command in ("train", "augment") and all("=" in e and not e.startswith("-") for e in extra):
+    if args.command in ("train", "augment", "compare") and all(
+        "=" in e and not e.startswith("-") for e in extra
+    ):
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

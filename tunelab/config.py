@@ -100,6 +100,9 @@ class DataConfig:
 class TrainConfig:
     epochs: float = doc("Passes over the training data (fractions allowed).", 3.0)
     max_steps: int | None = doc("Stop after this many optimizer steps (overrides epochs).")
+    max_minutes: float | None = doc(
+        "Stop training after this many minutes (a time budget); the best model so far is kept."
+    )
     batch_size: int | None = doc(
         "Examples per forward pass (per process); default 16, and 8 for causal-lm and seq2seq (long rows)."
     )
@@ -423,6 +426,11 @@ def validate(config: Config) -> None:
         ("train.warmup_ratio", 0 <= config.train.warmup_ratio < 1, "must be in [0, 1)"),
         ("train.weight_decay", config.train.weight_decay >= 0, "must be >= 0"),
         ("train.max_steps", config.train.max_steps is None or config.train.max_steps >= 1, "must be >= 1"),
+        (
+            "train.max_minutes",
+            config.train.max_minutes is None or config.train.max_minutes > 0,
+            "must be > 0",
+        ),
         ("train.log_steps", config.train.log_steps >= 1, "must be >= 1"),
         ("train.eval_steps", config.train.eval_steps is None or config.train.eval_steps >= 1, "must be >= 1"),
         (

@@ -401,6 +401,10 @@ def fit(
                     progress.close()
                     raise Interrupted(f"stopped at step {result.steps}"
                                       + (f"; checkpoint saved in {saved}" if saved else ""))  # fmt: skip
+                if tc.max_minutes is not None and broadcast_flag(
+                    result.runtime_s >= 60 * tc.max_minutes, dist
+                ):
+                    stop = True  # the time budget is spent: evaluate and keep the best
                 if stop or result.steps >= total_steps:
                     stop = True
                     break

@@ -38,13 +38,11 @@ class Splits:
     files: dict[str, str] = field(default_factory=dict)
 
 
-def split_and_encode(task: Any, train: Any, strata: list[Any] | None, tokenizer: Any,
-                     few_shot: Callable[[Any], Any] | None = None,
-                     augment: Callable[[Any], Any] | None = None) -> Splits:  # fmt: skip
-    """The shared tail of every task's `load_splits`: the validation file, or a stratified
-    share of train; seeded subsets (`max_train_samples`, `max_eval_samples`); the test file;
-    `few_shot` picks training rows before the subset is taken, `augment` adds rows after it;
-    then everything is tokenized."""
+def split_tables(task: Any, train: Any, strata: list[Any] | None,
+                 few_shot: Callable[[Any], Any] | None = None) -> tuple[Any, Any, Any]:  # fmt: skip
+    """(train, validation, test) tables as training uses them: the validation file, or a
+    stratified share of train; seeded subsets (`max_train_samples`, `max_eval_samples`); the
+    test file. `few_shot` picks training rows before the subset is taken."""
     from tunelab.data import sample, stratified_split
     from tunelab.errors import DataError
 
@@ -63,6 +61,21 @@ def split_and_encode(task: Any, train: Any, strata: list[Any] | None, tokenizer:
     train = sample(train, d.max_train_samples, seed)
     validation = sample(validation, d.max_eval_samples, seed)
     test = sample(task.read(d.test), d.max_eval_samples, seed) if d.test else None
+    return train, validation, test
+
+
+def split_and_encode(task: Any, train: Any, strata: list[Any] | None, tokenizer: Any,
+                     few_shot: Callable[[Any], Any] | None = None,
+                     augment: Callable[[Any], Any] | None = None) -> Splits:  # fmt: skip
+    """The shared tail of every task's `load_splits`: `split_tables`, then `encode_splits`."""
+    return encode_splits(task, split_tables(task, train, strata, few_shot), tokenizer, augment)
+
+
+def encode_splits(task: Any, tables: tuple[Any, Any, Any], tokenizer: Any,
+                  augment: Callable[[Any], Any] | None = None) -> Splits:  # fmt: skip
+    """Tokenize (train, validation, test) tables; `augment` adds rows to the training table first."""
+    d = task.config.data
+    train, validation, test = tables
     return Splits(
         train=task.encode(augment(train) if augment is not None else train, tokenizer),
         validation=task.encode(validation, tokenizer),

@@ -20,7 +20,7 @@ from tunelab.config import Config, max_length
 from tunelab.data import Table, is_missing, read_table, require_columns, shots
 from tunelab.errors import DataError
 from tunelab.metrics import classification_metrics, multilabel_metrics
-from tunelab.tasks.base import Splits, Task, collate_tokens, encode_texts, split_and_encode
+from tunelab.tasks.base import Splits, Task, collate_tokens, encode_splits, encode_texts, split_tables
 
 
 def label_name(value: Any) -> str:
@@ -137,8 +137,9 @@ class ClassificationTask(Task):
                 out.append(index[names[0]])
         return out
 
-    def load_splits(self, tokenizer: Any) -> Splits:
-        """Read train/validation/test per the config, fix the label set, tokenize."""
+    def load_tables(self) -> tuple[Table, Table, Table | None]:
+        """Read train/validation/test per the config and fix the label set; the rows that
+        training uses (the no-training baselines of `compare` read them too)."""
         d, seed = self.config.data, self.config.seed
         if not d.train:
             raise DataError("no training data: set data.train=<file> (CSV, TSV, JSON, JSONL or Parquet)")
@@ -158,7 +159,11 @@ class ClassificationTask(Task):
                 return table
             return shots(table, self.strata(table), d.shots_per_class, seed)
 
-        return split_and_encode(self, train, self.strata(train), tokenizer, few_shot, self.augment)
+        return split_tables(self, train, self.strata(train), few_shot)
+
+    def load_splits(self, tokenizer: Any) -> Splits:
+        """Read train/validation/test per the config, fix the label set, tokenize."""
+        return encode_splits(self, self.load_tables(), tokenizer, self.augment)
 
     def strata(self, table: Table) -> list[str]:
         """What splits and few-shot sampling keep balanced: each row's label set."""
