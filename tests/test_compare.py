@@ -116,3 +116,12 @@ def test_prompted_baseline_for_a_decoder_scores_label_likelihoods(tmp_path, sent
     assert report["baseline"] == "few-shot prompting (label likelihood)"
     assert 0 <= report["test"]["accuracy"] <= 1 and report["test"]["num_examples"] == 32
     assert report["train"]["trainable_params"] == 0
+
+
+def test_a_time_budget_stops_training_and_keeps_the_best(tiny_bert, sentiment_files, tmp_path):
+    from tunelab.run import train
+
+    run = train(model=str(tiny_bert), train=str(sentiment_files["train"]), output_dir=str(tmp_path / "run"),
+                progress_bar=False, epochs=50, **{"train.max_minutes": 1e-6})  # fmt: skip
+    report = json.loads((run.path / "eval.json").read_text())["train"]
+    assert report["steps"] == 1 and report["stopped_early"] and report["best_step"] == 1

@@ -143,7 +143,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def generation_options(run: Any, args: argparse.Namespace) -> None:
-    """Apply --max-new-tokens / --temperature / --top-p / --top-k / --system to the run."""
+    """Apply --max-new-tokens / --temperature / --top-p / --top-k / --repetition-penalty / --system."""
     from tunelab.config import validate
 
     options = run.config.generation
@@ -152,7 +152,7 @@ def generation_options(run: Any, args: argparse.Namespace) -> None:
     if args.temperature is not None:  # a temperature means sampling; 0 means greedy
         options.do_sample = args.temperature > 0
         options.temperature = args.temperature or options.temperature
-    for name in ("top_p", "top_k", "system"):
+    for name in ("top_p", "top_k", "system", "repetition_penalty"):
         if getattr(args, name) is not None:
             setattr(options, name, getattr(args, name))
     validate(run.config)  # names the bad option: generation.top_p ...
@@ -269,6 +269,9 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--temperature", type=float, metavar="T", help="sample at this temperature (0: greedy)")
     g.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling threshold")
     g.add_argument("--top-k", type=int, metavar="K", help="sample among the K most likely tokens")
+    g.add_argument(
+        "--repetition-penalty", type=float, metavar="R", help="penalise repeated tokens (1.0: none)"
+    )
     g.add_argument("--system", metavar="TEXT", help="system prompt")
 
 

@@ -12,7 +12,7 @@ un-tuned model itself for causal-lm and seq2seq.
 The report (`report.md`, and `report.html` with its plots embedded) gives per method the
 task metric (mean ± std over seeds), training time, samples/s, peak memory, trainable
 parameters and artifact size; plots of quality against trainable parameters and against
-training time, and the learning curves; the Pareto front (better quality or less training
+training time, and the training-loss curves; the Pareto front (better quality or less training
 time than every other method); and a recommendation derived from those numbers.
 """
 
@@ -160,7 +160,7 @@ def _ensure_run(config_path: str | None, overrides: list[str], config: Config, m
         if method == "none":
             report = no_training_baseline(load_config(config_path, [*overrides, f"seed={seed}"]))
             run.mkdir(parents=True, exist_ok=True)
-            report["train"]["runtime_s"] = round(time.perf_counter() - began, 3)
+            report["train"]["scoring_s"] = round(time.perf_counter() - began, 3)  # no training time
             (run / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
             return {"dir": run, "eval": report}
         command = [sys.executable, "-m", "tunelab", "train", *([config_path] if config_path else []), *overrides,
@@ -223,7 +223,6 @@ def no_training_baseline(config: Config) -> dict[str, Any]:
 
     from tunelab.models import resolve_model
 
-    began = time.perf_counter()
     if config.task in GENERATIVE_TASKS:
         scores, kind = _untuned_generative(config), "the un-tuned model"
     elif config.task == "token-classification":
@@ -236,7 +235,7 @@ def no_training_baseline(config: Config) -> dict[str, Any]:
             "TF-IDF + " + ("ridge" if config.task == "regression" else "logistic regression"),
         )
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {**scores, "baseline": kind, "train": {"runtime_s": round(time.perf_counter() - began, 3),
+    return {**scores, "baseline": kind, "train": {"runtime_s": 0.0,
                                                   "trainable_params": 0, "peak_rss_mb": round(rss, 1),
                                                   "samples_per_s": 0.0}}  # fmt: skip
 
@@ -419,15 +418,15 @@ def recommend(rows: list[Row], metric: str, higher: bool, max_memory: float | No
     return " ".join(lines)
 
 
-def _curves(folder: Path, rows: list[Row], metric: str) -> dict[str, list[tuple[float, float]]]:
-    """Validation metric against epoch for each method's first run."""
+def _curves(folder: Path, rows: list[Row]) -> dict[str, list[tuple[float, float]]]:
+    """Training loss against epoch for each method's first run (metrics.jsonl)."""
     curves = {}
     for row in rows:
         log = folder / row.runs[0] / "metrics.jsonl" if row.runs else None
         if log is None or not log.is_file():
             continue
-        points = [(e["epoch"], e[metric]) for e in map(json.loads, log.read_text().splitlines())
-                  if e.get("split") == "validation" and metric in e]  # fmt: skip
+        points = [(e["epoch"], e["loss"]) for e in map(json.loads, log.read_text().splitlines())
+                  if "split" not in e and "loss" in e]  # fmt: skip
         if points:
             curves[row.method] = points
     return curves
@@ -471,8 +470,8 @@ def _plots(rows: list[Row], curves: dict[str, Any], metric: str, front: set[str]
         for method, points in curves.items():
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
         ax.set_xlabel("epoch")
-        ax.set_ylabel(f"validation {metric}")
-        ax.set_title("learning curves")
+        ax.set_ylabel("training loss")
+        ax.set_title("learning curves (training loss)")
         ax.legend()
         ax.grid(alpha=0.3)
         images["curves"] = save(fig)
@@ -503,11 +502,11 @@ def _report(folder: Path, config: Config, rows: list[Row], metric: str, higher: 
     md = [f"# tunelab compare: {folder.name}", "", about, "", "**Recommendation.** " + text, "",
           "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]  # fmt: skip
     md += ["| " + " | ".join(row) + " |" for row in table]
-    curves = _curves(folder, rows, metric)
+    curves = _curves(folder, rows)
     images = _plots(rows, curves, metric, front)
     md += [
         "",
-        "Plots: report.html (quality against trainable parameters and against training time; learning curves).",
+        "Plots: report.html (quality against trainable parameters and against training time; training loss).",
     ]
     (folder / "report.md").write_text("\n".join(md) + "\n")
     _write_html(folder / "report.html", folder.name, about, text, header, table, images)
