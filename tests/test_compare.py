@@ -125,3 +125,18 @@ def test_a_time_budget_stops_training_and_keeps_the_best(tiny_bert, sentiment_fi
                 progress_bar=False, epochs=50, **{"train.max_minutes": 1e-6})  # fmt: skip
     report = json.loads((run.path / "eval.json").read_text())["train"]
     assert report["steps"] == 1 and report["stopped_early"] and report["best_step"] == 1
+
+
+def test_lr_sweep_keeps_the_rate_with_the_best_validation_score(tiny_bert, sentiment_files, tmp_path):
+    out = tmp_path / "sweep"
+    assert main(["compare", f"model={tiny_bert}", f"data.train={sentiment_files['train']}", "--methods", "full",
+                 "--epochs", "1", "--lr-sweep", "--out", str(out)]) == 0  # fmt: skip
+    runs = sorted(p.name for p in out.iterdir() if p.name.startswith("full-"))
+    assert runs == ["full-seed42-lr0.0001", "full-seed42-lr0.0003", "full-seed42-lr3.33e-05"]
+    validation = {}
+    for name in runs:
+        report = json.loads((out / name / "eval.json").read_text())
+        validation[report["train"]["learning_rate"]] = report["validation"]["accuracy"]
+    (row,) = json.loads((out / "results.json").read_text())["rows"]
+    assert validation[row["learning_rate"]] == max(validation.values())
+    assert sorted(validation) == pytest.approx([1e-4 / 3, 1e-4, 3e-4])
