@@ -349,3 +349,20 @@ def test_seq2seq_trains_saves_loads_and_generates(kind, tmp_path, capsys):
                  f"output_dir={tmp_path / 'lora'}"])  # fmt: skip
     assert lora == 0
     assert json.loads((tmp_path / "lora" / "eval.json").read_text())["merge"]["max_abs_diff"] < 1e-4
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_gradient_checkpointing_trains_the_same(method, llama, tmp_path):
+    """Recomputing activations changes memory, not the maths: the same losses step by step."""
+    train = write_json(tmp_path / "train.json", alpaca_rows(24))
+    losses = {}
+    for flag in ("false", "true"):
+        out = tmp_path / f"run-{flag}"
+        assert main(["train", f"model={llama}", "task=causal-lm", f"method={method}", f"data.train={train}",
+                     "train.max_steps=4", "train.log_steps=1", "train.precision=fp32", "train.progress_bar=false",
+                     f"train.gradient_checkpointing={flag}", "generation.eval_samples=0",
+                     "generation.compare_base=false", f"output_dir={out}"]) == 0  # fmt: skip
+        lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        losses[flag] = [e["loss"] for e in lines if "split" not in e]
+    assert len(losses["true"]) == 4
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-5)

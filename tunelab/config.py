@@ -117,6 +117,10 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = doc(
         "Compute precision; `auto` uses bf16 autocast where the CPU/GPU has fast bf16.", "auto"
     )
+    gradient_checkpointing: bool = doc(
+        "Recompute activations in the backward pass instead of storing them: far less memory on long rows.",
+        False,
+    )
     length_bucketing: bool = doc("Batch examples of similar length (shuffled buckets) to cut padding.", True)
     eval_steps: int | None = doc("Evaluate every N optimizer steps (besides each epoch).")
     eval_each_epoch: bool = doc("Evaluate on validation at the end of every epoch.", True)

@@ -39,7 +39,7 @@ from tunelab.checkpoint import latest_checkpoint
 from tunelab.config import Config, load_config, save_config, to_dict
 from tunelab.data import is_missing, read_table, require_columns
 from tunelab.dist import device_for, full_state, init_distributed, shutdown
-from tunelab.errors import Interrupted, TunelabError
+from tunelab.errors import ConfigError, Interrupted, TunelabError
 from tunelab.loop import fit, peak_rss_mb, pick_device, resolve_precision
 from tunelab.methods import METHODS
 from tunelab.models import count_params, load_tokenizer, quiet_transformers, resolve_model
@@ -311,6 +311,16 @@ def train(
     model = task.build_model(model_path)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    if config.train.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ConfigError(
+                f"train.gradient_checkpointing: {type(model).__name__} does not support it; turn it off"
+            )
+        # non-reentrant: gradients reach adapters even when the embeddings are frozen
+        if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = method.apply(model, config, task)
     trainable, total = count_params(model)
     speak(f"model {config.model}, method {config.method}: trainable params: {trainable:,} / {total:,} "

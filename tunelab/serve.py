@@ -265,14 +265,14 @@ def create_app(
                    "seq2seq": "/v1/completions"}[task]  # fmt: skip
             raise APIError(404, f"this server runs a {task} model; use {use}", "not_found_error")
 
-    class Strict(BaseModel):
+    class Body(BaseModel):
         model_config = ConfigDict(extra="ignore")
 
-    class InputRequest(Strict):
+    class InputRequest(Body):
         input: str | list[str]
         model: str | None = None
 
-    class Sampling(Strict):
+    class Sampling(Body):
         model: str | None = None
         max_tokens: int | None = Field(default=None, ge=1)
         temperature: float | None = Field(default=None, ge=0, le=2)
@@ -284,7 +284,7 @@ def create_app(
     class CompletionRequest(Sampling):
         prompt: str | list[str]
 
-    class Message(Strict):
+    class Message(Body):
         role: Literal["system", "user", "assistant"]
         content: str
 
