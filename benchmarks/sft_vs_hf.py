@@ -1,0 +1,84 @@
+"""tunelab against the Hugging Face peer (Trainer + PEFT, ../shared/bench/hf_clm.py) on the same
+LoRA SFT work: the built-in SmolLM2 on the peer's own instruction pairs (the same training
+rows, held-out rows, epochs, batch 8, maximum length 256, bf16), each in its own process.
+
+    python benchmarks/sft_vs_hf.py [--n-train 512] [--data sst2|mix]
+
+Each tool uses its own LoRA defaults (the peer: r8 on q/k/v/o with dropout 0.05; tunelab:
+r16 on every linear layer). Prints one Markdown table: training samples/s, real (non-padding)
+tokens/s, padding, peak RSS, held-out loss, and the tunelab/peer ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT.parent / "shared" / "bench"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n-train", type=int, default=512)
+    parser.add_argument("--data", default="sst2", choices=["sst2", "mix"])
+    args = parser.parse_args()
+
+    sys.path.insert(0, str(ROOT))
+    from tunelab.models import resolve_model
+
+    model = resolve_model("smollm2-135m")  # the converted safetensors folder, which the peer reads too
+    work = Path(tempfile.mkdtemp(prefix="tunelab-sft-bench-"))
+    pairs = work / "pairs.jsonl"
+    subprocess.run([sys.executable, str(BENCH / "hf_clm.py"), "--data", args.data, "--model", model,
+                    "--dump-data", str(pairs), "--dump-only"], check=True, cwd=BENCH)  # fmt: skip
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+
+    def chat(r: dict) -> str:
+        return json.dumps({"messages": [{"role": "user", "content": r["prompt"]},
+                                        {"role": "assistant", "content": r["response"]}]})  # fmt: skip
+
+    train = [r for r in rows if r["split"] == "train_pool"][: args.n_train]
+    held = [r for r in rows if r["split"] == "heldout"]
+    (work / "train.jsonl").write_text("".join(chat(r) + "\n" for r in train))
+    (work / "held.jsonl").write_text("".join(chat(r) + "\n" for r in held))
+
+    peer_out = work / "peer.json"
+    subprocess.run([sys.executable, str(BENCH / "hf_clm.py"), "--method", "lora", "--data", args.data, "--n-train",
+                    str(args.n_train), "--bf16", "--max-len", "256", "--model", model, "--out", str(peer_out)],
+                   check=True, cwd=BENCH)  # fmt: skip
+    peer = json.loads(peer_out.read_text())
+    run = work / "tunelab-run"
+    subprocess.run([sys.executable, "-m", "tunelab", "train", "model=smollm2-135m", "task=causal-lm", "method=lora",
+                    f"data.train={work / 'train.jsonl'}", f"data.validation={work / 'held.jsonl'}",
+                    "train.epochs=1", "train.batch_size=8", "data.max_length=256", "train.precision=bf16",
+                    "train.eval_each_epoch=false", "generation.eval_samples=0", "generation.compare_base=false",
+                    "train.progress_bar=false", f"output_dir={run}"], check=True)  # fmt: skip
+    report = json.loads((run / "eval.json").read_text())
+    ours = report["train"]
+    rows_out = [
+        ("samples/s", peer["train_samples_per_s"], ours["samples_per_s"]),
+        ("real tokens/s", peer["real_tokens_per_s"], ours["tokens_per_s"]),
+        ("padding", peer["pad_frac"], ours["padding_fraction"]),
+        ("peak RSS MB (training)", peer["peak_rss_train_mb"], ours["peak_rss_mb"]),
+        ("held-out loss", peer["eval_loss"], round(report["validation"]["loss"], 4)),
+        ("trainable params", peer["trainable_params"], ours["trainable_params"]),
+    ]
+    print(f"\nSmolLM2-135M LoRA SFT, {len(train)} rows ({args.data}), 1 epoch, batch 8, max length 256, bf16")
+    print("| measure | HF peer | tunelab | tunelab / peer |\n| --- | --- | --- | --- |")
+    for name, a, b in rows_out:
+        print(f"| {name} | {a} | {b} | {b / a:.2f}x |" if a else f"| {name} | {a} | {b} | |")
+    results = ROOT / "benchmarks" / "results"
+    results.mkdir(exist_ok=True)
+    with open(results / "sft_vs_hf.jsonl", "a") as f:
+        f.write(
+            json.dumps({"data": args.data, "n_train": len(train), "peer": peer, "tunelab": report}) + "\n"
+        )
+
+
+if __name__ == "__main__":
+    main()
