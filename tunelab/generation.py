@@ -56,11 +56,13 @@ def generate(
     add_special_tokens: bool = False,
     streamer: Any = None,
     progress: Callable[[int], None] | None = None,
+    stop: tuple[str, ...] = (),
 ) -> list[str]:
     """The new text generated for each prompt (rendered prompt strings), in their order.
 
     Prompts are batched by length; decoder-only models get left padding so that every row's
-    answer starts right after its own prompt.
+    answer starts right after its own prompt. A row stops early once its text contains one of
+    the `stop` strings (which stay in the text; callers cut them off).
     """
     from tunelab.loop import autocast
 
@@ -82,6 +84,9 @@ def generate(
             step = (
                 {**kwargs, "max_new_tokens": max(1, min(kwargs["max_new_tokens"], room))} if room else kwargs
             )
+            if stop:
+                start = 0 if encoder_decoder else enc["input_ids"].shape[1]
+                step = {**step, "stopping_criteria": stop_at_text(tokenizer, stop, start)}
             with autocast(device, dtype):
                 generated = model.generate(**enc, **step, streamer=streamer)
             new = generated if encoder_decoder else generated[:, enc["input_ids"].shape[1] :]
@@ -93,6 +98,21 @@ def generate(
         tokenizer.padding_side = side
         model.train(was_training)
     return out
+
+
+def stop_at_text(tokenizer: Any, stop: tuple[str, ...], start: int) -> Any:
+    """A stopping criterion that ends each row once its new text contains a stop string.
+
+    Written here because transformers' own `stop_strings` needs a BPE/SentencePiece vocabulary
+    (it fails on WordPiece); decoding the new tokens works with every tokenizer."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopAtText(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            texts = tokenizer.batch_decode(input_ids[:, start:], skip_special_tokens=True)
+            return torch.tensor([any(s in t for s in stop) for t in texts], device=input_ids.device)
+
+    return StoppingCriteriaList([StopAtText()])
 
 
 def text_streamer(tokenizer: Any, write: Callable[[str], None]) -> Any:

@@ -158,12 +158,12 @@ class Run:
             return self.task.predictions(self.generate([e["prompt_text"] for e in examples]), examples)
         return self.task.predictions(self.logits(examples), examples)
 
-    def generate(
-        self, prompts: list[str], streamer: Any = None, max_new_tokens: int | None = None
-    ) -> list[str]:
-        """Generated text for rendered prompts, per the run's `generation` settings."""
+    def generate(self, prompts: list[str], streamer: Any = None, max_new_tokens: int | None = None,
+                 options: Any = None, stop: tuple[str, ...] = ()) -> list[str]:  # fmt: skip
+        """Generated text for rendered prompts, per the run's `generation` settings (or
+        `options`, a GenerationConfig); generation ends at any of the `stop` strings."""
         return self.task.generate_texts(self.model, self.tokenizer, prompts, self.device, self.dtype,
-                                        max_new_tokens, streamer=streamer)  # fmt: skip
+                                        max_new_tokens, streamer=streamer, options=options, stop=stop)  # fmt: skip
 
     def chat(self, history: list[dict[str, str]], message: str, streamer: Any = None) -> str:
         """The model's answer to `message` after the conversation `history` (which it does not change)."""
@@ -383,31 +383,21 @@ def finish_run(config: Config, task: Any, method: Any, model: torch.nn.Module, t
     trainable, total = count_params(model)
     run = Run(tmp, config, task, model, tokenizer)
     report: dict[str, Any] = {}
-    outputs = {
-        name: run.logits(rows)
-        for name, rows in (("validation", splits.validation), ("test", splits.test))
-        if rows
-    }
-    if "validation" in outputs:
-        decided = task.calibrate(outputs["validation"], splits.validation)
-        if decided:
-            report["calibration"] = decided
-            save_config(config, tmp / "config.yaml")
-            say(f"tuned on validation: {decided}")
-    for name, logits in outputs.items():
-        report[name] = task.metrics(logits, getattr(splits, name))
-    if task.generative:
-        scored = {"test": splits.test} if splits.test else {"validation": splits.validation}
-        generated = generative_report(run, scored, config.generation.compare_base, tmp, "samples")
-        for name in scored:
-            report[name].update(generated[name])
-        if config.generation.compare_base:
-            others = {n: rows for n, rows in (("validation", splits.validation), ("test", splits.test))
-                      if rows and n not in scored}  # fmt: skip
-            base = (
-                generative_report(run, others, True, None, "", generate=False) if others else {"baseline": {}}
-            )
-            report["baseline"] = {**base["baseline"], **generated["baseline"]}
+    if task.generative:  # loss, perplexity, generations and the un-tuned baseline in one pass
+        rows = {n: r for n, r in (("validation", splits.validation), ("test", splits.test)) if r}
+        scored = "test" if splits.test else "validation"
+        report.update(generative_report(run, rows, config.generation.compare_base, tmp, "samples", {scored}))
+    else:
+        outputs = {name: run.logits(examples) for name, examples in
+                   (("validation", splits.validation), ("test", splits.test)) if examples}  # fmt: skip
+        if "validation" in outputs:
+            decided = task.calibrate(outputs["validation"], splits.validation)
+            if decided:
+                report["calibration"] = decided
+                save_config(config, tmp / "config.yaml")
+                say(f"tuned on validation: {decided}")
+        for name, logits in outputs.items():
+            report[name] = task.metrics(logits, getattr(splits, name))
     report["train"] = {**result.summary(), "peak_rss_mb": round(rss, 1), "trainable_params": trainable,
                        "total_params": total, "learning_rate": lr, "train_examples": len(splits.train)}  # fmt: skip
     method.save(model, tmp / "model")
@@ -433,13 +423,15 @@ def finish_run(config: Config, task: Any, method: Any, model: torch.nn.Module, t
 
 
 def generative_report(run: Run, splits: dict[str, list[dict[str, Any]]], baseline: bool, folder: Path | None,
-                      stem: str, generate: bool = True) -> dict[str, Any]:  # fmt: skip
-    """Loss, perplexity and (with `generate`) generation metrics of the run's model on each
-    split; with `baseline`, the same for the un-tuned model under "baseline". The sample
-    table of prompt / reference / generation (+ the un-tuned model's) goes to `folder/stem`."""
+                      stem: str, generate: set[str] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Loss and perplexity of the run's model on each split, and generation metrics on the
+    splits named in `generate` (default: all); with `baseline`, the same for the un-tuned
+    model under "baseline". The sample table of prompt / reference / generation (+ the
+    un-tuned model's) goes to `folder/stem` (`stem-<split>` when several splits generate)."""
     from tunelab.tasks.generative import write_samples
 
     task, tokenizer = run.task, run.tokenizer
+    generate = set(splits) if generate is None else generate
     models = [("tuned", run.model)]
     if baseline:
         say("scoring the un-tuned model on the same rows")
@@ -448,22 +440,20 @@ def generative_report(run: Run, splits: dict[str, list[dict[str, Any]]], baselin
     texts: dict[str, dict[str, list[str]]] = {}
     for kind, model in models:
         for name, examples in splits.items():
-            rows = task.scored_rows(examples) if generate else []
+            rows = task.scored_rows(examples) if name in generate else []
             if rows:
                 say(f"{kind} model: generating answers for {len(rows)} {name} rows")
             metrics, generations = task.evaluate_model(
-                model, tokenizer, examples, run.device, run.dtype, generate
+                model, tokenizer, examples, run.device, run.dtype, bool(rows)
             )
             (out["baseline"] if kind == "baseline" else out)[name] = metrics
-            texts.setdefault(name, {})[kind] = generations
+            if generations:
+                texts.setdefault(name, {})[kind] = generations
     if folder is not None:
-        for name, examples in splits.items():
-            rows = task.scored_rows(examples)
-            if rows and texts[name].get("tuned"):
-                suffix = f"-{name}" if len(splits) > 1 else ""
-                write_samples(
-                    folder / f"{stem}{suffix}", rows, texts[name]["tuned"], texts[name].get("baseline")
-                )
+        for name, generated in texts.items():
+            suffix = f"-{name}" if len(texts) > 1 else ""
+            write_samples(folder / f"{stem}{suffix}", task.scored_rows(splits[name]), generated["tuned"],
+                          generated.get("baseline"))  # fmt: skip
     return out
 
 

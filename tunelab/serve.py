@@ -16,6 +16,7 @@ before it reaches the model.
 # no `from __future__ import annotations`: FastAPI reads the annotations of the handlers
 # (request models defined inside create_app) at definition time
 import asyncio
+import dataclasses
 import json
 import os
 import queue
@@ -158,15 +159,13 @@ class Worker:
         if job.kind == "predict":
             return run.predict(inputs)
         max_tokens, temperature, top_p, stop = job.options
-        options = run.config.generation
-        saved = (options.do_sample, options.temperature, options.top_p)
-        try:
-            options.do_sample = bool(temperature)
-            options.temperature = temperature or options.temperature
-            options.top_p = top_p if top_p is not None else options.top_p
-            texts = run.generate(inputs, streamer=job.streamer, max_new_tokens=max_tokens)
-        finally:
-            options.do_sample, options.temperature, options.top_p = saved
+        defaults = run.config.generation
+        options = dataclasses.replace(defaults, do_sample=bool(temperature),
+                                      temperature=temperature or defaults.temperature,
+                                      top_p=defaults.top_p if top_p is None else top_p)  # fmt: skip
+        texts = run.generate(
+            inputs, streamer=job.streamer, max_new_tokens=max_tokens, options=options, stop=stop
+        )
         return [cut_at_stop(t, stop) for t in texts]
 
 

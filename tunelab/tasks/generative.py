@@ -171,12 +171,14 @@ class GenerativeTask(Task):
 
     def generate_texts(self, model: torch.nn.Module, tokenizer: Any, prompts: list[str], device: torch.device,
                        dtype: torch.dtype | None, max_new_tokens: int | None = None, streamer: Any = None,
-                       progress: Any = None) -> list[str]:  # fmt: skip
+                       progress: Any = None, options: Any = None, stop: tuple[str, ...] = ()) -> list[str]:  # fmt: skip
+        """Decode with the run's `generation` settings, or `options` (a GenerationConfig) when given;
+        each row stops at eos, end of turn, or any of the `stop` strings (which stay in the text)."""
         from tunelab.generation import generate, generation_kwargs
 
-        kwargs = generation_kwargs(self.config.generation, tokenizer, max_new_tokens)
+        kwargs = generation_kwargs(options or self.config.generation, tokenizer, max_new_tokens)
         return generate(model, tokenizer, prompts, kwargs, device, dtype, encoder_decoder=not self.shift,
-                        streamer=streamer, progress=progress)  # fmt: skip
+                        streamer=streamer, progress=progress, stop=stop)  # fmt: skip
 
     def scored_rows(self, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The examples generation metrics are computed on: those with a prompt and a reference,
