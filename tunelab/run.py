@@ -268,6 +268,26 @@ def run_config(config: Config | str | Path | None, overrides: list[str] | None, 
     return dataclasses.replace(config, output_dir=config.output_dir or default_output_dir(config))
 
 
+def build_model(config: Config, task: Any, method: Any, model_path: str, tokenizer: Any) -> torch.nn.Module:
+    """The model a run trains: the pretrained model with its task head, set up for training
+    (gradient checkpointing), with the method applied. Seeded, so every call builds the same."""
+    seed_everything(config.seed)
+    model = task.build_model(model_path)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if config.train.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ConfigError(
+                f"train.gradient_checkpointing: {type(model).__name__} does not support it; turn it off"
+            )
+        # non-reentrant: gradients reach adapters even when the embeddings are frozen
+        if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return method.apply(model, config, task)
+
+
 def train(
     config: Config | str | Path | None = None,
     *,
@@ -307,21 +327,7 @@ def train(
           + (f", {len(splits.test)} test" if splits.test else "")
           + (f"; labels: {', '.join(task.labels)}" if config.data.labels else ""))  # fmt: skip
 
-    seed_everything(config.seed)
-    model = task.build_model(model_path)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    if config.train.gradient_checkpointing:
-        if not getattr(model, "supports_gradient_checkpointing", False):
-            raise ConfigError(
-                f"train.gradient_checkpointing: {type(model).__name__} does not support it; turn it off"
-            )
-        # non-reentrant: gradients reach adapters even when the embeddings are frozen
-        if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = method.apply(model, config, task)
+    model = build_model(config, task, method, model_path, tokenizer)
     trainable, total = count_params(model)
     speak(f"model {config.model}, method {config.method}: trainable params: {trainable:,} / {total:,} "
           f"({100 * trainable / total:.2f}%), lr {lr:g}"
