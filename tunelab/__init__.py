@@ -3,12 +3,13 @@
 import tunelab
 run = tunelab.train(model="minilm-l6", method="lora", train="train.csv", epochs=1)
 tunelab.load("runs/x").predict(["a gorgeous, witty, seductive movie"])
+print(tunelab.estimate(model="minilm-l6", train="train.csv", methods="lora,full").table())
 """
 
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["train", "load", "load_config", "__version__"]
+__all__ = ["train", "load", "estimate", "load_config", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -17,6 +18,10 @@ def __getattr__(name: str) -> Any:
         from tunelab import run
 
         return getattr(run, name)
+    if name == "estimate":  # the module, which calling runs its estimate() (see tunelab/estimate.py)
+        import importlib
+
+        return importlib.import_module("tunelab.estimate")
     if name == "load_config":
         from tunelab.config import load_config
 

@@ -231,6 +231,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from tunelab.estimate import estimate
+
+    config, overrides = None, list(args.overrides)
+    if overrides and "=" not in overrides[0]:
+        config = overrides.pop(0)
+    result = estimate(config, overrides=overrides, methods=args.methods, steps=args.steps)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
+    return 0
+
+
 def cmd_augment(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -356,6 +367,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for the runs and report (default runs/compare-<name>)")
     p.set_defaults(func=cmd_compare)
 
+    p = sub.add_parser("estimate", help="predict peak memory and time per epoch of each method, before training",
+                       description="tunelab estimate [CONFIG.yaml] [key=value ...] [--methods lora,full] [--steps N]")  # fmt: skip
+    p.add_argument("overrides", nargs="*", metavar="CONFIG|key=value", help="as for train")
+    p.add_argument(
+        "--methods", help="comma-separated methods to estimate besides the config's own (default: all)"
+    )
+    p.add_argument("--steps", type=int, default=6, metavar="N",
+                   help="how many of the epoch's steps each method runs, twice each (default 6)")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print the estimate as JSON")
+    p.set_defaults(func=cmd_estimate)
+
     p = sub.add_parser("serve", help="serve a run or exported model over HTTP (OpenAI-style API + a page)")
     p.add_argument("run", help="run directory, or a Hugging Face folder from tunelab export --merge")
     p.add_argument(
@@ -386,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     # `train` overrides may come before or after flags: `train a=1 --overwrite b=2`.
     args, extra = parser.parse_known_args(argv)
     args.argv = argv
-    if args.command in ("train", "augment", "compare") and all(
+    if args.command in ("train", "augment", "compare", "estimate") and all(
         "=" in e and not e.startswith("-") for e in extra
     ):
         args.overrides += extra

@@ -1,0 +1,172 @@
+"""`tunelab estimate`: its predictions against a real epoch of the same config, the table and
+JSON it prints, method selection and skipping, generative tasks, and option errors."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import random
+import re
+import subprocess
+import sys
+
+import pytest
+
+import tunelab
+from tunelab.cli import main
+from tunelab.estimate import Step, fit_line, probe_rows
+
+from .conftest import FILLER, NEGATIVE, POSITIVE, write_csv, write_tiny_llama, write_tiny_seq2seq
+
+# One CPU thread: the machine may be busy with other work, and two OpenMP threads competing
+# with another process make small steps' times swing wildly; a training run in production has
+# the machine to itself.
+THREADS = "train.num_threads=1"
+
+
+def varied_rows(n: int, seed: int) -> list[dict[str, str]]:
+    """Reviews of 4 to 46 words, so that batches differ in length as real data's do."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "positive" if i % 2 == 0 else "negative"
+        words = [rng.choice(FILLER) for _ in range(rng.choice([3, 5, 8, 12, 20, 30, 45]))]
+        words.insert(rng.randrange(len(words) + 1), rng.choice(POSITIVE if label == "positive" else NEGATIVE))
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def setting(tiny_bert, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("estimate")
+    train = write_csv(folder / "train.csv", varied_rows(1200, seed=1))
+    validation = write_csv(folder / "validation.csv", varied_rows(200, seed=2))
+    return folder, [f"model={tiny_bert}", f"data.train={train}", f"data.validation={validation}", THREADS]
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def estimated(setting):
+    _, overrides = setting
+    code, out, err = run_cli("estimate", *overrides, "method=lora", "--methods", "full", "--json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+@pytest.fixture(scope="module")
+def measured(setting):
+    """One real epoch of each method, each in its own process (its own peak RSS)."""
+    folder, overrides = setting
+    reports = {}
+    for method in ("lora", "full"):
+        out = folder / f"run-{method}"
+        done = subprocess.run([sys.executable, "-m", "tunelab", "train", *overrides, f"method={method}",
+                               "train.epochs=1", "train.progress_bar=false", f"output_dir={out}"],
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        reports[method] = json.loads((out / "eval.json").read_text())["train"]
+    return reports
+
+
+def test_predictions_are_close_to_a_real_epoch(estimated, measured):
+    rows = {m["method"]: m for m in estimated["methods"]}
+    for method, train in measured.items():
+        row = rows[method]
+        assert row["steps_per_epoch"] == train["steps"], "the plan is the loop's own batching"
+        assert row["trainable_params"] == train["trainable_params"]
+        epoch_s = train["runtime_s"] - train["eval_s"]
+        print(f"{method}: epoch predicted {row['epoch_s']:.3f} s, measured {epoch_s:.3f} s; peak RSS predicted "
+              f"{row['peak_rss_mb']:.0f} MB, measured {train['peak_rss_mb']:.0f} MB")  # fmt: skip
+        assert 0.33 <= row["epoch_s"] / epoch_s <= 3, (method, row["epoch_s"], epoch_s)
+        assert 0.5 <= row["peak_rss_mb"] / train["peak_rss_mb"] <= 2, (method, row, train["peak_rss_mb"])
+        assert row["eval_s"] > 0 and row["timed_steps"] == 10
+
+
+def test_json_puts_the_configured_method_first_and_says_how(estimated):
+    assert [m["method"] for m in estimated["methods"]] == ["lora", "full"]
+    assert [m["configured"] for m in estimated["methods"]] == [True, False]
+    assert estimated["method"] == "lora" and estimated["train_rows"] == 1200 and estimated["batch_size"] == 16
+    assert estimated["steps_per_epoch"] == 75 and estimated["probe_steps"] == 6
+    assert "run twice each through the training loop" in estimated["basis"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--methods", "lora,bogus"], "error: --methods: unknown bogus; choose from full, freeze, lora,"),
+        (["--methods", "none"], "error: --methods: unknown none ('none' trains nothing"),
+        (["--steps", "0"], "error: --steps must be an integer >= 1, got 0"),
+    ],
+)
+def test_bad_options_are_named(setting, args, message):
+    _, overrides = setting
+    code, _, err = run_cli("estimate", *overrides, *args)
+    assert code == 2 and err.startswith(message), err
+
+
+def test_config_and_data_errors_are_the_same_as_train(setting):
+    _, overrides = setting
+    overrides = [o for o in overrides if o != THREADS]  # train() would set this process's threads
+    for bad in (["train.batch_size=0"], ["data.text_column=sentence"], ["data.train=missing.csv"]):
+        train = run_cli("train", *overrides, *bad)
+        estimate = run_cli("estimate", *overrides, *bad)
+        assert train[0] == estimate[0] == 2 and train[2] == estimate[2] and estimate[2].startswith("error: ")
+
+
+def test_table_for_causal_lm_puts_the_configured_method_first_and_says_what_was_skipped(tmp_path):
+    llama = write_tiny_llama(tmp_path / "llama")
+    rng = random.Random(0)
+    words = ["movie", "film", "plot", "acting", "good", "great", "fine", "bad"]
+    rows = [{"instruction": " ".join(rng.choices(words, k=rng.randint(2, 12))), "input": "",
+             "output": " ".join(rng.choices(words, k=rng.randint(1, 10)))} for _ in range(120)]  # fmt: skip
+    (tmp_path / "alpaca.json").write_text(json.dumps(rows))
+    code, out, err = run_cli("estimate", f"model={llama}", "task=causal-lm", f"data.train={tmp_path / 'alpaca.json'}",
+                             "data.packing=true", "data.max_length=60", THREADS, "--methods", "prefix, lora",
+                             "--steps", "2")  # fmt: skip
+    assert code == 0, err
+    lines = out.splitlines()
+    pattern = r" \(causal-lm\): (\d+) training rows, 12 validation rows, batch 8; cpu, 1 thread, \w+"
+    about = re.fullmatch(re.escape(str(llama)) + pattern, lines[0])
+    assert about, lines[0]
+    header = lines.index(next(line for line in lines if line.startswith("method")))
+    assert lines[header].split() == ["method", "trainable", "params", "time/epoch", "eval", "pass", "peak",
+                                     "RSS", "steps/epoch"]  # fmt: skip
+    steps = -(-int(about.group(1)) // 8)  # packed rows / batch 8
+    assert lines[header + 1].startswith("* lora ") and lines[header + 1].endswith(f" {steps}")
+    assert " MB " in lines[header + 1] and " s " in lines[header + 1]
+    assert lines[header + 2].startswith("  prefix    skipped: data.packing does not work with method=prefix")
+    assert lines[header + 3] == "" and lines[header + 4].startswith(
+        "* the config's method. Basis: per method, 2 "
+    )
+    assert len(lines) == header + 5
+    assert "estimate: lora (1/2)" in err and "estimate: prefix skipped: data.packing" in err
+
+
+def test_seq2seq_works(tmp_path):
+    t5 = write_tiny_seq2seq(tmp_path / "t5", "t5")
+    rng = random.Random(0)
+    words = ["movie", "film", "plot", "acting", "good", "great", "fine", "bad"]
+    rows = [{"source": " ".join(rng.choices(words, k=rng.randint(2, 15))),
+             "target": " ".join(rng.choices(words, k=rng.randint(1, 8)))} for _ in range(60)]  # fmt: skip
+    (tmp_path / "pairs.json").write_text(json.dumps(rows))
+    result = tunelab.estimate(model=str(t5), task="seq2seq", train=str(tmp_path / "pairs.json"),
+                              num_threads=1, methods=["lora"], steps=2, say=lambda m: None)  # fmt: skip
+    (row,) = result.methods
+    assert row.method == "lora" and row.epoch_s > 0 and row.trainable_params > 0
+    assert row.steps_per_epoch == -(-result.train_rows // 8) and result.train_rows == 54
+
+
+def test_fit_line_and_probe_rows():
+    assert fit_line([100, 200, 300], [1.1, 2.1, 3.1]) == pytest.approx((0.1, 0.01))
+    assert fit_line([100, 200, 300], [3.0, 2.0, 1.0]) == (2.0, 0.0)  # noise, not a slope
+    assert fit_line([100, 100], [1.0, 3.0]) == (0.0, 0.02)  # one size: proportional
+    plan = [Step([i], tokens, [(1, tokens)]) for i, tokens in enumerate([5, 50, 20, 80, 10])]
+    assert probe_rows(plan, 3) == [0, 2, 3]  # the shortest, the middle, the longest
+    assert probe_rows(plan, 9) == [0, 1, 2, 3, 4]

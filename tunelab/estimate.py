@@ -1,0 +1,454 @@
+"""`tunelab estimate`: the peak memory and time per epoch of a config on this machine, before
+training, for its own method and every other one.
+
+How it works. The config, tokenizer, task and data splits load exactly as `tunelab train`
+loads them (so bad input gives the same errors), and the first epoch's real batch plan is
+built with the loop's own `length_batches`. Then, per method, a child process (so that its
+peak RSS is its own) loads the same data, builds the model with `run.build_model` and trains
+through `loop.fit` on a few of the plan's steps, spread evenly over its sizes up to the
+longest (the memory peak), each run twice. As in training, `fit` ends with a validation
+pass, here on the longest validation rows at `train.eval_batch_size`. The first two steps
+are warm-up; the repeated steps fit `time = a + b * padded tokens`, and the steps whose batch
+shape is new give the one-time cost of a new shape (kernel set-up, large for small models).
+The epoch is the sum of the line over the plan's steps, plus that cost per distinct batch
+shape in the plan, plus the warm-up's extra time. Peak memory is the child's `ru_maxrss` at
+the end; the time of a whole validation pass is the probe's pass scaled by token count
+(approximate).
+
+Why it is written by hand: no library estimates fine-tuning time and memory for a given
+model, method, data and CPU, and FLOP or byte counts miss what dominates on a CPU (kernel
+speed per shape, the allocator, Python overhead). Timing the real loop for a few steps and
+extrapolating keeps the estimate honest, and because what is timed is `fit` itself, speed
+changes in the loop show up here without any change to this file.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tunelab.config import Config, batch_size
+from tunelab.errors import ConfigError, TunelabError
+
+WARMUP_STEPS = 2  # run but left out of the fit: first-use allocations and set-up
+
+
+@dataclass
+class Step:
+    """One optimizer step of the epoch's plan."""
+
+    rows: list[int]  # training rows, all micro-batches of the step
+    tokens: int  # padded tokens the model processes in it
+    shapes: list[tuple[int, ...]]  # the shape of each micro-batch
+
+
+@dataclass
+class MethodEstimate:
+    """The prediction for one method (or why it was skipped)."""
+
+    method: str
+    configured: bool
+    steps_per_epoch: int
+    trainable_params: int | None = None
+    total_params: int | None = None
+    epoch_s: float | None = None  # the first epoch, with the one-time warm-up
+    eval_s: float | None = None  # one validation pass (approximate)
+    peak_rss_mb: float | None = None
+    peak_gpu_mb: float | None = None
+    warmup_s: float | None = None  # extra time of the warm-up steps, included in epoch_s
+    step_intercept_s: float | None = None  # step time = intercept + per_token * padded tokens
+    step_per_token_s: float | None = None
+    new_shape_s: float | None = None  # one-time extra for each new batch shape
+    timed_steps: int = 0  # probe steps after the warm-up
+    probe_s: float | None = None  # wall time of the probe process
+    skipped: str | None = None
+
+
+@dataclass
+class Estimate:
+    """What `estimate` returns; `table()` is the CLI's text, `to_dict()` its `--json`."""
+
+    model: str
+    task: str
+    method: str
+    device: str
+    threads: int
+    precision: str
+    train_rows: int
+    validation_rows: int
+    batch_size: int
+    gradient_accumulation: int
+    steps_per_epoch: int
+    batch_shapes: int  # distinct batch shapes in the epoch
+    longest_step_tokens: int
+    probe_steps: int  # of the plan's steps, each run twice per method
+    warmup_steps: int
+    methods: list[MethodEstimate] = field(default_factory=list)
+
+    @property
+    def basis(self) -> str:
+        return (f"per method, {self.probe_steps} of the epoch's steps (shortest to longest, "
+                f"{self.longest_step_tokens:,} padded tokens) run twice each through the training loop on this "
+                f"machine, the first {self.warmup_steps} as warm-up; time per step = a + b x padded tokens, "
+                f"summed over the epoch's {self.steps_per_epoch} steps, plus a one-time cost per new batch "
+                f"shape ({self.batch_shapes} in the epoch); peak RSS of each method's own process, a validation "
+                f"pass on the longest rows included; eval pass scaled from those rows by tokens (approximate)")  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "basis": self.basis}
+
+    def table(self) -> str:
+        header = ["method", "trainable params", "time/epoch", "eval pass", "peak RSS", "steps/epoch"]
+        gpu = any(m.peak_gpu_mb is not None for m in self.methods)
+        if gpu:
+            header.insert(5, "peak GPU")
+        rows, skipped = [], []
+        for m in self.methods:
+            name = ("* " if m.configured else "  ") + m.method
+            if m.skipped is not None:
+                skipped.append(f"{name:<10}  skipped: {m.skipped}")
+                continue
+            cells = [name, f"{m.trainable_params:,}", duration(m.epoch_s), duration(m.eval_s),
+                     f"{m.peak_rss_mb:,.0f} MB", str(m.steps_per_epoch)]  # fmt: skip
+            if gpu:
+                cells.insert(5, f"{m.peak_gpu_mb:,.0f} MB" if m.peak_gpu_mb is not None else "-")
+            rows.append(cells)
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                 for r in [header, *rows]]  # fmt: skip
+        about = (f"{self.model} ({self.task}): {self.train_rows:,} training rows, {self.validation_rows:,} "
+                 f"validation rows, batch {self.batch_size}"
+                 + (f" x {self.gradient_accumulation} accumulated" if self.gradient_accumulation > 1 else "")
+                 + f"; {self.device}, {self.threads} thread{'s' * (self.threads != 1)}, {self.precision}")  # fmt: skip
+        return "\n".join([about, "", *lines, *skipped, "", f"* the config's method. Basis: {self.basis}."])
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.1f} s" if seconds >= 1 else f"{seconds:.2f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+# ------------------------------------------------------------------------------ the plan
+
+
+def row_tokens(example: dict[str, Any], decoder: bool) -> int:
+    return len(example["input_ids"]) + (len(example["labels"]) if decoder else 0)
+
+
+def batch_shape(examples: list[dict[str, Any]], decoder: bool) -> tuple[int, ...]:
+    """(rows, longest row) of a padded batch, plus the longest target for seq2seq's decoder."""
+    shape = (len(examples), max(len(e["input_ids"]) for e in examples))
+    return shape + (max(len(e["labels"]) for e in examples),) if decoder else shape
+
+
+def padded_tokens(shape: tuple[int, ...]) -> int:
+    return shape[0] * sum(shape[1:])
+
+
+def epoch_plan(train: list[dict[str, Any]], config: Config) -> list[Step]:
+    """The optimizer steps of the first epoch, batched as `fit` batches them (one process)."""
+    from tunelab.loop import length_batches
+
+    lengths = [len(e["input_ids"]) for e in train]
+    batches = length_batches(
+        lengths, batch_size(config), random.Random(config.seed), config.train.length_bucketing
+    )
+    accumulation, decoder = config.train.gradient_accumulation, config.task == "seq2seq"
+    groups = [batches[s : s + accumulation] for s in range(0, len(batches), accumulation)]
+    steps = []
+    for group in groups:
+        shapes = [batch_shape([train[i] for i in b], decoder) for b in group]
+        steps.append(Step([i for b in group for i in b], sum(map(padded_tokens, shapes)), shapes))
+    return steps
+
+
+def probe_rows(plan: list[Step], count: int) -> list[int]:
+    """Training rows for `count` probe steps: the plan's steps at evenly spaced ranks of size,
+    from the smallest to the longest (its memory peak), so the timing sees the whole range.
+    A plan of `count` steps or fewer is used whole."""
+    if len(plan) <= count:
+        return [i for step in plan for i in step.rows]
+    by_size = sorted(range(len(plan)), key=lambda s: plan[s].tokens)
+    if count == 1:
+        return list(plan[by_size[-1]].rows)
+    picks = [by_size[round(q * (len(plan) - 1) / (count - 1))] for q in range(count)]
+    return [i for s in picks for i in plan[s].rows]
+
+
+def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares (a, b) of y = a + b x, both kept >= 0; proportional when x barely varies."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    if sxx <= n * (0.01 * mx) ** 2:  # the steps are all the same size: no slope to fit
+        return 0.0, my / mx if mx else 0.0
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    if b < 0:  # noise swamped the size effect
+        return my, 0.0
+    if my - b * mx < 0:
+        return 0.0, sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs)
+    return my - b * mx, b
+
+
+# ------------------------------------------------------------------------------ loading, probing
+
+
+def load_like_train(config: Config) -> tuple[str, Any, Any, Any]:
+    """(model path, tokenizer, task, splits), loaded as `run.train` loads them."""
+    from tunelab.models import load_tokenizer, quiet_transformers, resolve_model
+    from tunelab.run import seed_everything
+    from tunelab.tasks import TASKS
+
+    quiet_transformers()
+    seed_everything(config.seed)
+    model_path = resolve_model(config.model)
+    tokenizer = load_tokenizer(model_path)
+    task = TASKS[config.task](config)
+    splits = task.load_splits(tokenizer)
+    config.data.labels = list(task.labels) if task.labels and config.task != "regression" else None
+    return model_path, tokenizer, task, splits
+
+
+def probe(spec: dict[str, Any]) -> dict[str, Any]:
+    """In the child process: build the method's model, run the probe steps through `fit`, and
+    return each step's (padded tokens, seconds, new batch shapes), the eval pass time and the
+    peak memory."""
+    import torch
+    import tqdm.auto  # noqa: F401  (the loop imports it before its clock starts; so do we)
+
+    from tunelab.config import load_config
+    from tunelab.loop import fit, peak_rss_mb, pick_device
+    from tunelab.methods import METHODS
+    from tunelab.models import count_params
+    from tunelab.run import build_model
+
+    config = load_config(spec["config"])
+    if config.train.num_threads:  # the process set-up of `run.train`
+        torch.set_num_threads(config.train.num_threads)
+    if config.train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    model_path, tokenizer, task, splits = load_like_train(config)
+    if len(splits.train) != spec["train_rows"]:
+        raise RuntimeError(
+            f"the probe read {len(splits.train)} training rows, the estimate {spec['train_rows']}"
+        )
+    method = METHODS[config.method]
+    model = build_model(config, task, method, model_path, tokenizer)
+    trainable, total = count_params(model)
+    device = pick_device()
+
+    decoder, collate = config.task == "seq2seq", task.collate
+    pending: list[tuple[int, ...]] = []  # shapes collated since the last step: the next step's
+    seen: set[tuple[int, ...]] = set()
+    marks: list[tuple[float, int, int]] = []
+
+    def recording_collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+        pending.append(batch_shape(examples, decoder))
+        return collate(examples, pad_id)
+
+    def log(entry: dict[str, Any]) -> None:  # called after every step (log_steps=1)
+        if "split" not in entry:  # not the validation line
+            new = len(set(pending) - seen)
+            seen.update(pending)
+            marks.append((time.perf_counter(), sum(map(padded_tokens, pending)), new))
+            pending.clear()
+
+    task.collate = recording_collate
+    probe_config = copy.deepcopy(config)
+    tc = probe_config.train
+    tc.max_steps, tc.log_steps, tc.max_minutes, tc.progress_bar = spec["steps"], 1, None, False
+    tc.eval_each_epoch, tc.eval_steps, tc.early_stopping_patience = False, None, None
+    lr = config.train.learning_rate or method.DEFAULT_LR
+    validation = [splits.validation[i] for i in spec["validation_rows"]]
+    began = time.perf_counter()
+    result = fit(model, task, [splits.train[i] for i in spec["rows"]], validation, probe_config, lr,
+                 tokenizer.pad_token_id, log, device)  # fmt: skip
+    starts = [began] + [t for t, _, _ in marks[:-1]]
+    return {
+        "steps": [[tokens, t - start, new] for (t, tokens, new), start in zip(marks, starts)],
+        "eval_s": result.eval_s,
+        "trainable_params": trainable,
+        "total_params": total,
+        "peak_rss_mb": peak_rss_mb(),
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
+    }
+
+
+def run_probe(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Run `probe` in a fresh Python process; its result, {"error": ...} for a TunelabError,
+    or {"crash": output} when it failed otherwise."""
+    name = spec["method"]
+    spec = {**spec, "out": str(folder / f"{name}.result.json")}
+    (folder / f"{name}.json").write_text(json.dumps(spec))
+    log = folder / f"{name}.log"
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    began = time.perf_counter()
+    with open(log, "w") as f:
+        done = subprocess.run([sys.executable, "-m", "tunelab.estimate", "--probe", str(folder / f"{name}.json")],
+                              stdout=f, stderr=subprocess.STDOUT, env=env)  # fmt: skip
+    out = Path(spec["out"])
+    if out.is_file():
+        return {**json.loads(out.read_text()), "probe_s": time.perf_counter() - began}
+    return {"crash": log.read_text() or f"(no output; exit status {done.returncode})"}
+
+
+# ------------------------------------------------------------------------------ the estimate
+
+
+def chosen_methods(methods: str | list[str] | None, configured: str) -> list[str]:
+    """The methods to estimate: the configured one first, then the others in the usual order."""
+    from tunelab.methods import METHODS
+
+    names = list(METHODS) if methods is None else methods.split(",") if isinstance(methods, str) else methods
+    names = [m.strip() for m in names if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown or not names:
+        hint = " ('none' trains nothing: there is nothing to estimate)" if "none" in unknown else ""
+        raise ConfigError(f"--methods: {'unknown ' + ', '.join(unknown) if unknown else 'none given'}{hint}; "
+                          f"choose from {', '.join(METHODS)}")  # fmt: skip
+    return [configured] + [m for m in METHODS if m in names and m != configured]
+
+
+def estimate(
+    config: Config | str | Path | None = None,
+    *,
+    overrides: list[str] | None = None,
+    methods: str | list[str] | None = None,
+    steps: int = 6,
+    say: Callable[[str], None] | None = None,
+    **kwargs: Any,
+) -> Estimate:
+    """Predict peak memory and time per epoch of training `config` on this machine, for its
+    method and the others in `methods` (names, or one comma-separated string; default: all;
+    the configured one always comes first).
+
+    `config`, `overrides` and kwargs are as for `train`. `steps`: how many of the epoch's
+    steps each method runs (twice each). `say` receives progress lines (default: stderr).
+    Raises TunelabError for bad options, config or data (as `train` does) and when the
+    configured method cannot train; other methods that cannot are skipped, with the reason.
+    """
+    import torch
+
+    from tunelab.config import save_config
+    from tunelab.loop import pick_device, resolve_precision
+    from tunelab.run import run_config
+    from tunelab.run import say as stderr_say
+
+    say = say or stderr_say
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"--steps must be an integer >= 1, got {steps!r}")
+    config = run_config(config, overrides, None, kwargs)
+    order = chosen_methods(methods, config.method)
+    _, _, _, splits = load_like_train(config)
+    device = pick_device()
+    dtype = resolve_precision(config.train.precision, device)
+    plan = epoch_plan(splits.train, config)
+    decoder = config.task == "seq2seq"
+    validation = sorted(
+        range(len(splits.validation)), key=lambda i: -row_tokens(splits.validation[i], decoder)
+    )
+    validation = validation[: config.train.eval_batch_size]  # the longest rows: the pass's memory peak
+    eval_scale = sum(row_tokens(e, decoder) for e in splits.validation) / max(
+        1, sum(row_tokens(splits.validation[i], decoder) for i in validation))  # fmt: skip
+    probe_steps = min(steps, len(plan))
+    result = Estimate(model=config.model, task=config.task, method=config.method, device=str(device),
+                      threads=config.train.num_threads or torch.get_num_threads(),
+                      precision=str(dtype).replace("torch.", "") if dtype else "fp32", train_rows=len(splits.train), validation_rows=len(splits.validation),
+                      batch_size=batch_size(config), gradient_accumulation=config.train.gradient_accumulation,
+                      steps_per_epoch=len(plan), batch_shapes=len({b for s in plan for b in s.shapes}),
+                      longest_step_tokens=max(s.tokens for s in plan), probe_steps=probe_steps,
+                      warmup_steps=min(WARMUP_STEPS, 2 * probe_steps - 1))  # fmt: skip
+    spec = {"rows": probe_rows(plan, steps), "validation_rows": validation, "train_rows": len(splits.train),
+            "steps": 2 * probe_steps}  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="tunelab-estimate-") as tmp:
+        for k, method in enumerate(order):
+            say(f"estimate: {method} ({k + 1}/{len(order)}): {spec['steps']} steps in a fresh process")
+            path = Path(tmp) / f"{method}.yaml"
+            save_config(dataclasses.replace(copy.deepcopy(config), method=method), path)
+            outcome = run_probe({**spec, "method": method, "config": str(path)}, Path(tmp))
+            row = MethodEstimate(method, method == config.method, len(plan))
+            if "crash" in outcome and row.configured:  # a bug, not a user's mistake: keep the traceback
+                raise RuntimeError(f"the estimate's probe of {method} failed:\n{outcome['crash']}")
+            if "error" in outcome or "crash" in outcome:
+                reason = outcome.get("error") or outcome["crash"].strip().splitlines()[-1]
+                if row.configured:
+                    raise TunelabError(reason)
+                row.skipped = reason
+                say(f"estimate: {method} skipped: {reason}")
+            else:
+                predict(row, outcome, plan, eval_scale)
+            result.methods.append(row)
+    return result
+
+
+def predict(row: MethodEstimate, outcome: dict[str, Any], plan: list[Step], eval_scale: float) -> None:
+    """Fill `row` from a probe's measurements (steps of [padded tokens, seconds, new shapes]):
+    the step-time line fitted on repeated shapes, the one-time cost of a new shape, the
+    warm-up's extra time; then the epoch, the eval pass and the memory."""
+    measured = outcome["steps"]
+    warm = min(WARMUP_STEPS, len(measured) - 1)  # keep at least one step to fit
+    timed = measured[warm:]
+    repeated = [m for m in timed if not m[2]]
+    if len(repeated) < 2:  # no repeats to separate the new-shape cost from: fit them all
+        repeated = timed
+    a, b = fit_line([float(x) for x, _, _ in repeated], [t for _, t, _ in repeated])
+    fresh = [m for m in timed if m[2]] if repeated is not timed else []
+    new_shape = max(0.0, sum(t - a - b * x for x, t, _ in fresh) / max(1, sum(n for _, _, n in fresh)))
+    warmup = max(0.0, sum(t - a - b * x - new_shape * n for x, t, n in measured[:warm]))
+    shapes = len({shape for step in plan for shape in step.shapes})
+    row.step_intercept_s, row.step_per_token_s, row.new_shape_s, row.warmup_s = a, b, new_shape, warmup
+    row.epoch_s = sum(a + b * step.tokens for step in plan) + new_shape * shapes + warmup
+    row.timed_steps = len(timed)
+    row.eval_s = outcome["eval_s"] * eval_scale
+    row.trainable_params, row.total_params = outcome["trainable_params"], outcome["total_params"]
+    row.peak_rss_mb, row.peak_gpu_mb = outcome["peak_rss_mb"], outcome["peak_gpu_mb"]
+    row.probe_s = outcome["probe_s"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m tunelab.estimate --probe SPEC.json`: the child process of `estimate`."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2 or args[0] != "--probe":
+        print(
+            "usage: python -m tunelab.estimate --probe SPEC.json (run by tunelab estimate)", file=sys.stderr
+        )
+        return 2
+    spec = json.loads(Path(args[1]).read_text())
+    try:
+        result = probe(spec)
+    except TunelabError as e:
+        result = {"error": str(e)}
+    Path(spec["out"]).write_text(json.dumps(result))
+    return 0
+
+
+class _CallableModule(types.ModuleType):
+    """`tunelab.estimate` names both this module and the API function (as `tunelab.train` is a
+    function). Importing the module binds the package attribute to it, so calling the module
+    calls `estimate`: `tunelab.estimate(...)` works whichever was imported first."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Estimate:
+        return estimate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+
+if __name__ == "__main__":
+    sys.exit(main())
