@@ -27,6 +27,7 @@ def trained_run(tiny_bert, sentiment_files, tmp_path_factory):
         "train",
         f"model={tiny_bert}",
         "method=full",
+        "full.train_embeddings=true",  # the tiny model's embeddings are random, not pretrained
         f"data.train={sentiment_files['train']}",
         f"data.validation={sentiment_files['validation']}",
         f"data.test={sentiment_files['test']}",

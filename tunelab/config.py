@@ -121,6 +121,11 @@ class TrainConfig:
         "Recompute activations in the backward pass instead of storing them: far less memory on long rows.",
         False,
     )
+    fast_kernels: bool = doc(
+        "tunelab's exact CPU speed-ups: cheap dropout masks, eager attention on short rows, and the last "
+        "layer computing only the position a classifier reads; false: the model's own code.",
+        True,
+    )
     length_bucketing: bool = doc("Batch examples of similar length (shuffled buckets) to cut padding.", True)
     eval_steps: int | None = doc("Evaluate every N optimizer steps (besides each epoch).")
     eval_each_epoch: bool = doc("Evaluate on validation at the end of every epoch.", True)
@@ -148,6 +153,15 @@ class TrainConfig:
 class ClassificationConfig:
     multi_label: bool = doc("Each row may carry any number of labels (a list, or separated text).", False)
     threshold: float | None = doc("Multi-label decision threshold; null: tuned on validation.")
+
+
+@dataclass
+class FullConfig:
+    train_embeddings: bool = doc(
+        "Also train the input word-embedding table (frozen by default: on short fine-tuning data most rows "
+        "never get a gradient, and skipping it speeds steps up; always trained when tied to the output layer).",
+        False,
+    )
 
 
 @dataclass
@@ -225,6 +239,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     classification: ClassificationConfig = field(default_factory=ClassificationConfig)
+    full: FullConfig = field(default_factory=FullConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)

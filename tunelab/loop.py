@@ -27,6 +27,7 @@ from tunelab.checkpoint import load_checkpoint, save_checkpoint
 from tunelab.config import Config, batch_size
 from tunelab.dist import Dist, all_reduce_sum, broadcast_flag, full_state, gather_tensors, shard_model
 from tunelab.errors import ConfigError, Interrupted
+from tunelab.speed import FrozenCache
 
 
 def pick_device() -> torch.device:
@@ -251,6 +252,12 @@ def fit(
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     trainable = [p for p in model.parameters() if p.requires_grad]
     evaluated = model  # evaluation and checkpoints see the model itself, not the DDP wrapper
+    # the frozen layers' outputs are computed once (counted as training time)
+    cache_began, cache = time.perf_counter(), None
+    if tc.fast_kernels and config.method == "freeze" and not task.generative and not fsdp:
+        cache = FrozenCache.build(model, train, task.collate, pad_id, tc.eval_batch_size, device,
+                                  lambda: autocast(device, dtype))  # fmt: skip
+    cache_s = time.perf_counter() - cache_began
     if dist.active and not fsdp:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
@@ -329,7 +336,7 @@ def fit(
             rng.setstate(current)
 
     model.train()
-    start = time.perf_counter() - result.runtime_s
+    start = time.perf_counter() - result.runtime_s - cache_s
     stop = result.steps >= total_steps
     with _StopSignal() as signals:
         while not stop:
@@ -344,11 +351,15 @@ def fit(
                 # so that accumulation 4 x batch 1, or 2 processes x batch 8, give the same
                 # update as one batch of 16.
                 mine = [share(idx, dist) for idx in group]
-                collated = [task.collate([train[i] for i in idx], pad_id) for idx in mine if idx]
+                mine = [idx for idx in mine if idx]
+                collated = [task.collate([train[i] for i in idx], pad_id) for idx in mine]
                 units = all_reduce_sum([float(sum(task.units(b) for b in collated))], dist)[0]
                 for n, batch in enumerate(collated):
                     sync = n == len(collated) - 1 or not dist.active or fsdp
-                    with nullcontext() if sync else model.no_sync(), autocast(device, dtype):
+                    frozen = (
+                        cache.batch(mine[n], batch["input_ids"].shape[1], dtype) if cache else nullcontext()
+                    )
+                    with nullcontext() if sync else model.no_sync(), autocast(device, dtype), frozen:
                         loss_sum = task.loss(model, to_device(batch, device))
                     # DDP averages gradients over processes: scale back up to a global sum
                     scaler.scale(loss_sum * dist.world / units).backward()
@@ -422,6 +433,8 @@ def fit(
             if finished_epoch and not stop:
                 checkpoint()
     progress.close()
+    if cache is not None:
+        cache.close()
     result.runtime_s = time.perf_counter() - start
     if best_state is not None:
         with torch.no_grad():

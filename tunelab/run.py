@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tunelab import __version__
+from tunelab import __version__, speed
 from tunelab.checkpoint import latest_checkpoint
 from tunelab.config import Config, load_config, save_config, to_dict
 from tunelab.data import is_missing, read_table, require_columns
@@ -270,7 +270,9 @@ def run_config(config: Config | str | Path | None, overrides: list[str] | None, 
 
 def build_model(config: Config, task: Any, method: Any, model_path: str, tokenizer: Any) -> torch.nn.Module:
     """The model a run trains: the pretrained model with its task head, set up for training
-    (gradient checkpointing), with the method applied. Seeded, so every call builds the same."""
+    (gradient checkpointing), with the method applied and tunelab's exact speed-ups
+    (`train.fast_kernels`, undone by `speed.undo` before saving). Seeded, so every call
+    builds the same."""
     seed_everything(config.seed)
     model = task.build_model(model_path)
     if model.config.pad_token_id is None:
@@ -285,7 +287,10 @@ def build_model(config: Config, task: Any, method: Any, model_path: str, tokeniz
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return method.apply(model, config, task)
+    model = method.apply(model, config, task)
+    if config.train.fast_kernels:
+        speed.apply(model, task, cpu=not torch.cuda.is_available())
+    return model
 
 
 def train(
@@ -406,6 +411,7 @@ def finish_run(config: Config, task: Any, method: Any, model: torch.nn.Module, t
             report[name] = task.metrics(logits, getattr(splits, name))
     report["train"] = {**result.summary(), "peak_rss_mb": round(rss, 1), "trainable_params": trainable,
                        "total_params": total, "learning_rate": lr, "train_examples": len(splits.train)}  # fmt: skip
+    speed.undo(model)
     method.save(model, tmp / "model")
     tokenizer.save_pretrained(tmp / "model")
     if method.merge is not None and config.method != "full":
