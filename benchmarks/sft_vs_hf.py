@@ -22,43 +22,60 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT.parent / "shared" / "bench"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n-train", type=int, default=512)
-    parser.add_argument("--data", default="sst2", choices=["sst2", "mix"])
-    args = parser.parse_args()
-
+def prepare(n_train: int, data: str) -> tuple[Path, str]:
+    """The peer's own pairs as tunelab chat files (train.jsonl, held.jsonl) in a fresh folder."""
     sys.path.insert(0, str(ROOT))
     from tunelab.models import resolve_model
 
     model = resolve_model("smollm2-135m")  # the converted safetensors folder, which the peer reads too
     work = Path(tempfile.mkdtemp(prefix="tunelab-sft-bench-"))
     pairs = work / "pairs.jsonl"
-    subprocess.run([sys.executable, str(BENCH / "hf_clm.py"), "--data", args.data, "--model", model,
-                    "--dump-data", str(pairs), "--dump-only"], check=True, cwd=BENCH)  # fmt: skip
+    subprocess.run([sys.executable, str(BENCH / "hf_clm.py"), "--data", data, "--model", model,
+                    "--dump-data", str(pairs), "--dump-only"], check=True, cwd=BENCH, capture_output=True)  # fmt: skip
     rows = [json.loads(line) for line in pairs.read_text().splitlines()]
 
     def chat(r: dict) -> str:
         return json.dumps({"messages": [{"role": "user", "content": r["prompt"]},
                                         {"role": "assistant", "content": r["response"]}]})  # fmt: skip
 
-    train = [r for r in rows if r["split"] == "train_pool"][: args.n_train]
+    train = [r for r in rows if r["split"] == "train_pool"][:n_train]
     held = [r for r in rows if r["split"] == "heldout"]
     (work / "train.jsonl").write_text("".join(chat(r) + "\n" for r in train))
     (work / "held.jsonl").write_text("".join(chat(r) + "\n" for r in held))
+    return work, model
 
+
+def run_peer(work: Path, model: str, n_train: int, data: str) -> dict:
     peer_out = work / "peer.json"
-    subprocess.run([sys.executable, str(BENCH / "hf_clm.py"), "--method", "lora", "--data", args.data, "--n-train",
-                    str(args.n_train), "--bf16", "--max-len", "256", "--model", model, "--out", str(peer_out)],
-                   check=True, cwd=BENCH)  # fmt: skip
-    peer = json.loads(peer_out.read_text())
+    subprocess.run([sys.executable, str(BENCH / "hf_clm.py"), "--method", "lora", "--data", data, "--n-train",
+                    str(n_train), "--bf16", "--max-len", "256", "--model", model, "--out", str(peer_out)],
+                   check=True, cwd=BENCH, capture_output=True)  # fmt: skip
+    return json.loads(peer_out.read_text())
+
+
+def tunelab_overrides(work: Path) -> list[str]:
+    return ["model=smollm2-135m", "task=causal-lm", "method=lora", f"data.train={work / 'train.jsonl'}",
+            f"data.validation={work / 'held.jsonl'}", "train.epochs=1", "train.batch_size=8", "data.max_length=256",
+            "train.precision=bf16", "train.eval_each_epoch=false", "generation.eval_samples=0",
+            "generation.compare_base=false", "train.progress_bar=false"]  # fmt: skip
+
+
+def run_tunelab(work: Path) -> dict:
     run = work / "tunelab-run"
-    subprocess.run([sys.executable, "-m", "tunelab", "train", "model=smollm2-135m", "task=causal-lm", "method=lora",
-                    f"data.train={work / 'train.jsonl'}", f"data.validation={work / 'held.jsonl'}",
-                    "train.epochs=1", "train.batch_size=8", "data.max_length=256", "train.precision=bf16",
-                    "train.eval_each_epoch=false", "generation.eval_samples=0", "generation.compare_base=false",
-                    "train.progress_bar=false", f"output_dir={run}"], check=True)  # fmt: skip
-    report = json.loads((run / "eval.json").read_text())
+    subprocess.run([sys.executable, "-m", "tunelab", "train", *tunelab_overrides(work), f"output_dir={run}",
+                    "--overwrite"], check=True, capture_output=True, cwd=ROOT)  # fmt: skip
+    return json.loads((run / "eval.json").read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n-train", type=int, default=512)
+    parser.add_argument("--data", default="sst2", choices=["sst2", "mix"])
+    args = parser.parse_args()
+    work, model = prepare(args.n_train, args.data)
+    train = (work / "train.jsonl").read_text().splitlines()
+    peer = run_peer(work, model, args.n_train, args.data)
+    report = run_tunelab(work)
     ours = report["train"]
     rows_out = [
         ("samples/s", peer["train_samples_per_s"], ours["samples_per_s"]),

@@ -297,6 +297,7 @@ def test_every_leaf_field_has_a_doc():
             "data",
             "train",
             "classification",
+            "full",
             "freeze",
             "lora",
             "adapter",

@@ -13,7 +13,7 @@ from .conftest import write_tiny_bert
 
 
 def run_args(bert, files, out, batch_size):
-    return ["train", f"model={bert}", "method=full", f"data.train={files['train']}",
+    return ["train", f"model={bert}", "method=full", "full.train_embeddings=true", f"data.train={files['train']}",
             f"data.validation={files['validation']}", "train.epochs=2", f"train.batch_size={batch_size}",
             "train.precision=fp32", "train.learning_rate=3e-3", "train.log_steps=1", "train.progress_bar=false",
             f"output_dir={out}"]  # fmt: skip

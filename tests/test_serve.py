@@ -58,7 +58,8 @@ class Server:
 @pytest.fixture(scope="module")
 def classifier_run(tmp_path_factory, tiny_bert, sentiment_files):
     out = tmp_path_factory.mktemp("serve-cls") / "run"
-    assert main(["train", f"model={tiny_bert}", "method=full", f"data.train={sentiment_files['train']}",
+    assert main(["train", f"model={tiny_bert}", "method=full", "full.train_embeddings=true",
+                 f"data.train={sentiment_files['train']}",
                  "train.epochs=2", "train.learning_rate=3e-3", "train.progress_bar=false", f"output_dir={out}"]) == 0  # fmt: skip
     return out
 

@@ -27,7 +27,7 @@ def tunelab(*args: str) -> subprocess.CompletedProcess:
 
 
 def common_args(tiny_bert, out, **extra) -> list[str]:
-    args = {"model": str(tiny_bert), "method": "full", "train.batch_size": 8, "train.precision": "fp32",
+    args = {"model": str(tiny_bert), "method": "full", "full.train_embeddings": "true", "train.batch_size": 8, "train.precision": "fp32",
             "train.learning_rate": "3e-3", "output_dir": str(out), **extra}  # fmt: skip
     return [f"{k}={v}" for k, v in args.items()]
 

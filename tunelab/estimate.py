@@ -68,6 +68,7 @@ class MethodEstimate:
     peak_rss_mb: float | None = None
     peak_gpu_mb: float | None = None
     warmup_s: float | None = None  # extra time of the warm-up steps, included in epoch_s
+    setup_s: float | None = None  # one-time set-up (freeze's layer cache), included in epoch_s
     step_intercept_s: float | None = None  # step time = intercept + per_token * padded tokens
     step_per_token_s: float | None = None
     new_shape_s: float | None = None  # one-time extra for each new batch shape
@@ -283,6 +284,10 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
     return {
         "steps": [[tokens, t - start, new] for (t, tokens, new), start in zip(marks, starts)],
         "eval_s": result.eval_s,
+        "setup_s": result.setup_s,
+        "cache_mb": result.cache_mb,
+        "probe_rows": len(spec["rows"]),
+        "train_rows": spec["train_rows"],
         "trainable_params": trainable,
         "total_params": total,
         "peak_rss_mb": peak_rss_mb(),
@@ -414,11 +419,17 @@ def predict(row: MethodEstimate, outcome: dict[str, Any], plan: list[Step], eval
     warmup = max(0.0, sum(t - a - b * x - new_shape * n for x, t, n in measured[:warm]))
     shapes = len({shape for step in plan for shape in step.shapes})
     row.step_intercept_s, row.step_per_token_s, row.new_shape_s, row.warmup_s = a, b, new_shape, warmup
+    # one-time set-up that grows with the training rows (the freeze cache) was measured on the
+    # probe's rows only: scale it to the whole training set
+    scale = outcome.get("train_rows", 1) / max(1, outcome.get("probe_rows", 1)) - 1
+    row.setup_s = outcome.get("setup_s", 0.0) * (scale + 1)
     row.epoch_s = sum(a + b * step.tokens for step in plan) + new_shape * shapes + warmup
+    row.epoch_s += outcome.get("setup_s", 0.0) * scale
     row.timed_steps = len(timed)
     row.eval_s = outcome["eval_s"] * eval_scale
     row.trainable_params, row.total_params = outcome["trainable_params"], outcome["total_params"]
-    row.peak_rss_mb, row.peak_gpu_mb = outcome["peak_rss_mb"], outcome["peak_gpu_mb"]
+    row.peak_rss_mb = outcome["peak_rss_mb"] + outcome.get("cache_mb", 0.0) * scale
+    row.peak_gpu_mb = outcome["peak_gpu_mb"]
     row.probe_s = outcome["probe_s"]
 
 

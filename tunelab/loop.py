@@ -28,6 +28,7 @@ from tunelab.config import Config, batch_size
 from tunelab.dist import Dist, all_reduce_sum, broadcast_flag, full_state, gather_tensors, shard_model
 from tunelab.errors import ConfigError, Interrupted
 from tunelab.speed import FrozenCache
+from tunelab.tasks.base import padded_length
 
 
 def pick_device() -> torch.device:
@@ -156,6 +157,8 @@ class FitResult:
     tokens: int = 0
     padded_tokens: int = 0  # batch rows x longest row: what the model actually processed
     eval_s: float = 0.0  # time spent evaluating inside training (left out of the rates)
+    setup_s: float = 0.0  # one-time work before the first step (the frozen-layer cache)
+    cache_mb: float = 0.0  # memory the frozen-layer cache holds
     best_metric: float | None = None
     best_step: int | None = None
     stopped_early: bool = False
@@ -238,6 +241,7 @@ def fit(
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)
     lengths = [len(e["input_ids"]) for e in train]
+    multiple = config.data.pad_to_multiple_of if task.name in ("classification", "regression") else 1
 
     # a global batch is batch_size x world size examples; each process takes its share
     global_batch = batch_size(config) * dist.world
@@ -335,6 +339,9 @@ def fit(
         finally:
             rng.setstate(current)
 
+    if cache is not None:
+        result.setup_s = round(result.setup_s + cache_s, 3)
+        result.cache_mb = round(sum(r.numel() * r.element_size() for r in cache.rows) / 2**20, 1)
     model.train()
     start = time.perf_counter() - result.runtime_s - cache_s
     stop = result.steps >= total_steps
@@ -379,7 +386,8 @@ def fit(
                 result.samples += n_samples
                 window_samples += n_samples
                 result.tokens += sum(lengths[i] for idx in group for i in idx)
-                result.padded_tokens += sum(max(lengths[i] for i in idx) * len(idx) for idx in group if idx)
+                result.padded_tokens += sum(padded_length(max(lengths[i] for i in idx), multiple) * len(idx)
+                                            for idx in group if idx)  # fmt: skip
                 progress.update(1)
                 epoch_pos = result.epoch_index + min(1.0, result.step_in_epoch / steps_per_epoch)
                 if result.steps % tc.log_steps == 0 or result.steps == total_steps:

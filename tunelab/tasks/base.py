@@ -93,9 +93,15 @@ def encode_texts(tokenizer: Any, texts: list[str], pairs: list[str] | None, max_
     return [{k: enc[k][i] for k in keys} for i in range(len(texts))]
 
 
-def collate_tokens(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad token lists on the right to the longest example; add the attention mask."""
-    longest = max(len(e["input_ids"]) for e in examples)
+def padded_length(longest: int, multiple: int = 1) -> int:
+    """`longest` rounded up to a multiple of `multiple`."""
+    return -(-longest // multiple) * multiple
+
+
+def collate_tokens(examples: list[dict[str, Any]], pad_id: int, multiple: int = 1) -> dict[str, torch.Tensor]:
+    """Pad token lists on the right to the longest example (rounded up to `multiple`); add the
+    attention mask."""
+    longest = padded_length(max(len(e["input_ids"]) for e in examples), multiple)
     batch: dict[str, torch.Tensor] = {}
     ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), longest), dtype=torch.long)

@@ -204,7 +204,8 @@ class ClassificationTask(Task):
             problem_type="multi_label_classification" if self.multi_label else "single_label_classification",
         )
 
-    collate = staticmethod(collate_tokens)
+    def collate(self, examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+        return collate_tokens(examples, pad_id, self.config.data.pad_to_multiple_of)
 
     @staticmethod
     def units(batch: dict[str, torch.Tensor]) -> int:
