@@ -151,9 +151,16 @@ def row_tokens(example: dict[str, Any], decoder: bool) -> int:
     return len(example["input_ids"]) + (len(example["labels"]) if decoder else 0)
 
 
-def batch_shape(examples: list[dict[str, Any]], decoder: bool) -> tuple[int, ...]:
-    """(rows, longest row) of a padded batch, plus the longest target for seq2seq's decoder."""
-    shape = (len(examples), max(len(e["input_ids"]) for e in examples))
+def pad_multiple(config: Config) -> int:
+    """What the task's collate rounds padded lengths up to (see `data.pad_to_multiple_of`)."""
+    return config.data.pad_to_multiple_of if config.task in ("classification", "regression") else 1
+
+
+def batch_shape(examples: list[dict[str, Any]], decoder: bool, multiple: int = 1) -> tuple[int, ...]:
+    """(rows, padded length) of a batch, plus the longest target for seq2seq's decoder."""
+    from tunelab.tasks.base import padded_length
+
+    shape = (len(examples), padded_length(max(len(e["input_ids"]) for e in examples), multiple))
     return shape + (max(len(e["labels"]) for e in examples),) if decoder else shape
 
 
@@ -173,7 +180,7 @@ def epoch_plan(train: list[dict[str, Any]], config: Config) -> list[Step]:
     groups = [batches[s : s + accumulation] for s in range(0, len(batches), accumulation)]
     steps = []
     for group in groups:
-        shapes = [batch_shape([train[i] for i in b], decoder) for b in group]
+        shapes = [batch_shape([train[i] for i in b], decoder, pad_multiple(config)) for b in group]
         steps.append(Step([i for b in group for i in b], sum(map(padded_tokens, shapes)), shapes))
     return steps
 
@@ -260,7 +267,7 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
     marks: list[tuple[float, int, int]] = []
 
     def recording_collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-        pending.append(batch_shape(examples, decoder))
+        pending.append(batch_shape(examples, decoder, pad_multiple(config)))
         return collate(examples, pad_id)
 
     def log(entry: dict[str, Any]) -> None:  # called after every step (log_steps=1)

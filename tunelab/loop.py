@@ -174,6 +174,8 @@ class FitResult:
             "epochs": round(self.epochs, 4),
             "runtime_s": round(self.runtime_s, 3),
             "eval_s": round(self.eval_s, 3),
+            "setup_s": round(self.setup_s, 3),
+            "cache_mb": self.cache_mb,
             "samples_per_s": round(self.samples / train_s, 3),
             "tokens_per_s": round(self.tokens / train_s, 1),
             "padding_fraction": round(1 - self.tokens / max(self.padded_tokens, 1), 4),

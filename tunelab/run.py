@@ -414,7 +414,7 @@ def finish_run(config: Config, task: Any, method: Any, model: torch.nn.Module, t
     speed.undo(model)
     method.save(model, tmp / "model")
     tokenizer.save_pretrained(tmp / "model")
-    if method.merge is not None and config.method != "full":
+    if method.merge is not None and config.method not in ("full", "freeze"):  # those are plain weights
         report["merge"] = check_merge(
             config, task, tmp / "model", splits.validation or splits.train, tokenizer
         )
