@@ -218,18 +218,9 @@ def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
 
 def load_like_train(config: Config) -> tuple[str, Any, Any, Any]:
     """(model path, tokenizer, task, splits), loaded as `run.train` loads them."""
-    from tunelab.models import load_tokenizer, quiet_transformers, resolve_model
-    from tunelab.run import seed_everything
-    from tunelab.tasks import TASKS
+    from tunelab.run import load_inputs
 
-    quiet_transformers()
-    seed_everything(config.seed)
-    model_path = resolve_model(config.model)
-    tokenizer = load_tokenizer(model_path)
-    task = TASKS[config.task](config)
-    splits = task.load_splits(tokenizer)
-    config.data.labels = list(task.labels) if task.labels and config.task != "regression" else None
-    return model_path, tokenizer, task, splits
+    return load_inputs(config)
 
 
 def probe(spec: dict[str, Any]) -> dict[str, Any]:
@@ -246,11 +237,6 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
     from tunelab.run import build_model
 
     config = load_config(spec["config"])
-    if config.train.num_threads:  # the process set-up of `run.train`
-        torch.set_num_threads(config.train.num_threads)
-    if config.train.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
     model_path, tokenizer, task, splits = load_like_train(config)
     if len(splits.train) != spec["train_rows"]:
         raise RuntimeError(

@@ -268,6 +268,24 @@ def run_config(config: Config | str | Path | None, overrides: list[str] | None, 
     return dataclasses.replace(config, output_dir=config.output_dir or default_output_dir(config))
 
 
+def load_inputs(config: Config) -> tuple[str, Any, Any, Any]:
+    """The process set-up of a training run (threads, determinism, seed), then (model path,
+    tokenizer, task, splits) with the labels filled into `config.data.labels`."""
+    if config.train.num_threads:
+        torch.set_num_threads(config.train.num_threads)
+    if config.train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    quiet_transformers()
+    seed_everything(config.seed)
+    model_path = resolve_model(config.model)
+    tokenizer = load_tokenizer(model_path)
+    task = TASKS[config.task](config)
+    splits = task.load_splits(tokenizer)
+    config.data.labels = list(task.labels) if task.labels and config.task != "regression" else None
+    return model_path, tokenizer, task, splits
+
+
 def build_model(config: Config, task: Any, method: Any, model_path: str, tokenizer: Any) -> torch.nn.Module:
     """The model a run trains: the pretrained model with its task head, set up for training
     (gradient checkpointing), with the method applied and tunelab's exact speed-ups
@@ -312,19 +330,7 @@ def train(
     out = Path(config.output_dir)
     dist = init_distributed()
     config, checkpoint = resume_point(config, out, resume is not None, overwrite)
-    if config.train.num_threads:
-        torch.set_num_threads(config.train.num_threads)
-    if config.train.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-    quiet_transformers()
-    seed_everything(config.seed)
-
-    model_path = resolve_model(config.model)
-    tokenizer = load_tokenizer(model_path)
-    task = TASKS[config.task](config)
-    splits = task.load_splits(tokenizer)
-    config.data.labels = list(task.labels) if task.labels and config.task != "regression" else None
+    model_path, tokenizer, task, splits = load_inputs(config)
     method = METHODS[config.method]
     lr = config.train.learning_rate or method.DEFAULT_LR
     speak = say if dist.is_main else (lambda message: None)
