@@ -343,7 +343,7 @@ def fit(
 
     if cache is not None:
         result.setup_s = round(result.setup_s + cache_s, 3)
-        result.cache_mb = round(sum(r.numel() * r.element_size() for r in cache.rows) / 2**20, 1)
+        result.cache_mb = round(cache.table.numel() * cache.table.element_size() / 2**20, 1)
     model.train()
     start = time.perf_counter() - result.runtime_s - cache_s
     stop = result.steps >= total_steps

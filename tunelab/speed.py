@@ -329,8 +329,15 @@ class FrozenCache:
     apply (a trained embedding table or lower block, or an entry module it cannot find).
     """
 
-    def __init__(self, entry: nn.Module, frozen: list[nn.Module], rows: list[torch.Tensor]) -> None:
-        self.entry, self.frozen, self.rows = entry, frozen, rows
+    def __init__(
+        self, entry: nn.Module, frozen: list[nn.Module], table: torch.Tensor, lengths: list[int]
+    ) -> None:
+        # every row's outputs in one table (row i from starts[i]) with a zero row at the end
+        # for padding, so that a batch is gathered with one index_select
+        self.entry, self.frozen, self.table, self.lengths = entry, frozen, table, lengths
+        self.starts = [0]
+        for n in lengths[:-1]:
+            self.starts.append(self.starts[-1] + n)
         self.current: torch.Tensor | None = None
         entry.forward = types.MethodType(self._entry_forward, entry)
         for block in frozen:
@@ -349,11 +356,17 @@ class FrozenCache:
     def batch(self, indices: list[int], length: int, dtype: torch.dtype | None) -> FrozenCache:
         """Use the cached rows `indices`, right-padded with zeros to `length`, for the next
         forward pass (a context manager)."""
-        first = self.rows[indices[0]]
-        out = first.new_zeros((len(indices), length, first.shape[-1]))
-        for row, i in enumerate(indices):
-            out[row, : self.rows[i].shape[0]] = self.rows[i]
-        self.current = out
+        pad = self.table.shape[0] - 1
+        positions = [
+            p
+            for i in indices
+            for p in (
+                *range(self.starts[i], self.starts[i] + self.lengths[i]),
+                *[pad] * (length - self.lengths[i]),
+            )
+        ]
+        index = torch.tensor(positions, device=self.table.device)
+        self.current = self.table.index_select(0, index).view(len(indices), length, -1)
         return self
 
     def __enter__(self) -> FrozenCache:
@@ -379,7 +392,7 @@ class FrozenCache:
         _, blocks = stacks[0]
         trained = [any(p.requires_grad for p in b.parameters()) for b in blocks]
         k = trained.index(True) if True in trained else len(blocks)
-        if k == 0 or any(not t for t in trained[k:]):
+        if k == 0 or k == len(blocks) or any(not t for t in trained[k:]):  # (no trained block: head only)
             return None
         entry = getattr(base, "base_model", base)
         entry = getattr(entry, "embeddings", None)
@@ -404,7 +417,11 @@ class FrozenCache:
                 return None
             for h in hooks:
                 h.remove()
-            rows: list[torch.Tensor] = [torch.empty(0)] * len(examples)
+            lengths = [len(e["input_ids"]) for e in examples]
+            starts = [0]
+            for n in lengths[:-1]:
+                starts.append(starts[-1] + n)
+            table = torch.zeros((tokens + 1, seen["block"].shape[-1]), device=device)
             captured: list[torch.Tensor] = []
 
             def stop(module: nn.Module, args: Any, out: Any) -> None:
@@ -425,9 +442,9 @@ class FrozenCache:
                     pass
                 out = captured[0].float()
                 for row, i in enumerate(chunk):
-                    rows[i] = out[row, : len(examples[i]["input_ids"])].clone()
+                    table[starts[i] : starts[i] + lengths[i]] = out[row, : lengths[i]]
         finally:
             for h in hooks:
                 h.remove()
             model.train(was_training)
-        return cls(entry, list(blocks[:k]), rows)
+        return cls(entry, list(blocks[:k]), table, lengths)
