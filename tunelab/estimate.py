@@ -151,11 +151,6 @@ def row_tokens(example: dict[str, Any], decoder: bool) -> int:
     return len(example["input_ids"]) + (len(example["labels"]) if decoder else 0)
 
 
-def pad_multiple(config: Config) -> int:
-    """What the task's collate rounds padded lengths up to (see `data.pad_to_multiple_of`)."""
-    return config.data.pad_to_multiple_of if config.task in ("classification", "regression") else 1
-
-
 def batch_shape(examples: list[dict[str, Any]], decoder: bool, multiple: int = 1) -> tuple[int, ...]:
     """(rows, padded length) of a batch, plus the longest target for seq2seq's decoder."""
     from tunelab.tasks.base import padded_length
@@ -168,7 +163,7 @@ def padded_tokens(shape: tuple[int, ...]) -> int:
     return shape[0] * sum(shape[1:])
 
 
-def epoch_plan(train: list[dict[str, Any]], config: Config) -> list[Step]:
+def epoch_plan(train: list[dict[str, Any]], config: Config, multiple: int = 1) -> list[Step]:
     """The optimizer steps of the first epoch, batched as `fit` batches them (one process)."""
     from tunelab.loop import length_batches
 
@@ -180,7 +175,7 @@ def epoch_plan(train: list[dict[str, Any]], config: Config) -> list[Step]:
     groups = [batches[s : s + accumulation] for s in range(0, len(batches), accumulation)]
     steps = []
     for group in groups:
-        shapes = [batch_shape([train[i] for i in b], decoder, pad_multiple(config)) for b in group]
+        shapes = [batch_shape([train[i] for i in b], decoder, multiple) for b in group]
         steps.append(Step([i for b in group for i in b], sum(map(padded_tokens, shapes)), shapes))
     return steps
 
@@ -216,13 +211,6 @@ def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
 # ------------------------------------------------------------------------------ loading, probing
 
 
-def load_like_train(config: Config) -> tuple[str, Any, Any, Any]:
-    """(model path, tokenizer, task, splits), loaded as `run.train` loads them."""
-    from tunelab.run import load_inputs
-
-    return load_inputs(config)
-
-
 def probe(spec: dict[str, Any]) -> dict[str, Any]:
     """In the child process: build the method's model, run the probe steps through `fit`, and
     return each step's (padded tokens, seconds, new batch shapes), the eval pass time and the
@@ -234,10 +222,10 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
     from tunelab.loop import fit, peak_rss_mb, pick_device
     from tunelab.methods import METHODS
     from tunelab.models import count_params
-    from tunelab.run import build_model
+    from tunelab.run import build_model, load_inputs
 
     config = load_config(spec["config"])
-    model_path, tokenizer, task, splits = load_like_train(config)
+    model_path, tokenizer, task, splits = load_inputs(config)
     if len(splits.train) != spec["train_rows"]:
         raise RuntimeError(
             f"the probe read {len(splits.train)} training rows, the estimate {spec['train_rows']}"
@@ -253,7 +241,7 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
     marks: list[tuple[float, int, int]] = []
 
     def recording_collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-        pending.append(batch_shape(examples, decoder, pad_multiple(config)))
+        pending.append(batch_shape(examples, decoder, task.pad_multiple))
         return collate(examples, pad_id)
 
     def log(entry: dict[str, Any]) -> None:  # called after every step (log_steps=1)
@@ -346,7 +334,7 @@ def estimate(
 
     from tunelab.config import save_config
     from tunelab.loop import pick_device, resolve_precision
-    from tunelab.run import run_config
+    from tunelab.run import load_inputs, run_config
     from tunelab.run import say as stderr_say
 
     say = say or stderr_say
@@ -354,10 +342,10 @@ def estimate(
         raise ConfigError(f"--steps must be an integer >= 1, got {steps!r}")
     config = run_config(config, overrides, None, kwargs)
     order = chosen_methods(methods, config.method)
-    _, _, _, splits = load_like_train(config)
+    _, _, task, splits = load_inputs(config)
     device = pick_device()
     dtype = resolve_precision(config.train.precision, device)
-    plan = epoch_plan(splits.train, config)
+    plan = epoch_plan(splits.train, config, task.pad_multiple)
     decoder = config.task == "seq2seq"
     validation = sorted(
         range(len(splits.validation)), key=lambda i: -row_tokens(splits.validation[i], decoder)

@@ -243,7 +243,6 @@ def fit(
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)
     lengths = [len(e["input_ids"]) for e in train]
-    multiple = config.data.pad_to_multiple_of if task.name in ("classification", "regression") else 1
 
     # a global batch is batch_size x world size examples; each process takes its share
     global_batch = batch_size(config) * dist.world
@@ -365,9 +364,7 @@ def fit(
                 units = all_reduce_sum([float(sum(task.units(b) for b in collated))], dist)[0]
                 for n, batch in enumerate(collated):
                     sync = n == len(collated) - 1 or not dist.active or fsdp
-                    frozen = (
-                        cache.batch(mine[n], batch["input_ids"].shape[1], dtype) if cache else nullcontext()
-                    )
+                    frozen = cache.batch(mine[n], batch["input_ids"].shape[1]) if cache else nullcontext()
                     with nullcontext() if sync else model.no_sync(), autocast(device, dtype), frozen:
                         loss_sum = task.loss(model, to_device(batch, device))
                     # DDP averages gradients over processes: scale back up to a global sum
@@ -388,7 +385,7 @@ def fit(
                 result.samples += n_samples
                 window_samples += n_samples
                 result.tokens += sum(lengths[i] for idx in group for i in idx)
-                result.padded_tokens += sum(padded_length(max(lengths[i] for i in idx), multiple) * len(idx)
+                result.padded_tokens += sum(padded_length(max(lengths[i] for i in idx), task.pad_multiple) * len(idx)
                                             for idx in group if idx)  # fmt: skip
                 progress.update(1)
                 epoch_pos = result.epoch_index + min(1.0, result.step_in_epoch / steps_per_epoch)

@@ -27,6 +27,7 @@ they are written here, each with a test that compares against the unpatched mode
 
 from __future__ import annotations
 
+import itertools
 import sys
 import types
 from typing import Any
@@ -257,7 +258,7 @@ def _lora_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -
     base, dropout = self.base_layer, self.lora_dropout[name]
     dtype = _compute_dtype(x)
     x = x.to(dtype)
-    p = getattr(dropout, "p", 0.0) if isinstance(dropout, nn.Dropout) else 0.0
+    p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
     dropped = fast_dropout(x, p, self.training) if p > 0 and self.training else None
     weight = _low_precision_copy(base, "weight", base.weight, dtype)
     bias = _low_precision_copy(base, "bias", base.bias, dtype)
@@ -318,6 +319,11 @@ class _StopForward(Exception):
     pass
 
 
+def row_starts(lengths: list[int]) -> list[int]:
+    """Where each row begins when rows of these lengths are stacked end to end."""
+    return list(itertools.accumulate(lengths[:-1], initial=0))
+
+
 class FrozenCache:
     """For `freeze`: the frozen lower part of the model (embeddings and the frozen blocks) is
     run once over the training rows, in eval mode, and its output per row is kept; training
@@ -335,9 +341,7 @@ class FrozenCache:
         # every row's outputs in one table (row i from starts[i]) with a zero row at the end
         # for padding, so that a batch is gathered with one index_select
         self.entry, self.frozen, self.table, self.lengths = entry, frozen, table, lengths
-        self.starts = [0]
-        for n in lengths[:-1]:
-            self.starts.append(self.starts[-1] + n)
+        self.starts = row_starts(lengths)
         self.current: torch.Tensor | None = None
         entry.forward = types.MethodType(self._entry_forward, entry)
         for block in frozen:
@@ -353,7 +357,7 @@ class FrozenCache:
             return type(module).forward(module, hidden_states, *args, **kwargs)
         return hidden_states
 
-    def batch(self, indices: list[int], length: int, dtype: torch.dtype | None) -> FrozenCache:
+    def batch(self, indices: list[int], length: int) -> FrozenCache:
         """Use the cached rows `indices`, right-padded with zeros to `length`, for the next
         forward pass (a context manager)."""
         pad = self.table.shape[0] - 1
@@ -418,9 +422,7 @@ class FrozenCache:
             for h in hooks:
                 h.remove()
             lengths = [len(e["input_ids"]) for e in examples]
-            starts = [0]
-            for n in lengths[:-1]:
-                starts.append(starts[-1] + n)
+            starts = row_starts(lengths)
             table = torch.zeros((tokens + 1, seen["block"].shape[-1]), device=device)
             captured: list[torch.Tensor] = []
 

@@ -13,6 +13,7 @@ class Task:
     """Defaults shared by every task: model outputs come from one forward pass per batch."""
 
     generative = False  # generates text (causal-lm, seq2seq): scored on generations too
+    pad_multiple = 1  # `collate` rounds a batch's padded length up to a multiple of this
 
     def outputs(self, model: torch.nn.Module, examples: list[dict[str, Any]], pad_id: int, batch_size: int,
                 device: torch.device, dtype: torch.dtype | None) -> list[Any]:  # fmt: skip

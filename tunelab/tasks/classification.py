@@ -204,8 +204,12 @@ class ClassificationTask(Task):
             problem_type="multi_label_classification" if self.multi_label else "single_label_classification",
         )
 
+    @property
+    def pad_multiple(self) -> int:  # type: ignore[override]
+        return self.config.data.pad_to_multiple_of
+
     def collate(self, examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-        return collate_tokens(examples, pad_id, self.config.data.pad_to_multiple_of)
+        return collate_tokens(examples, pad_id, self.pad_multiple)
 
     @staticmethod
     def units(batch: dict[str, torch.Tensor]) -> int:
