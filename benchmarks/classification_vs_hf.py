@@ -6,8 +6,10 @@ length and precision, each in its own process (so peak RSS is each one's own), a
     python benchmarks/classification_vs_hf.py [--methods full,lora] [--epochs 1] [--repeats 1]
     python benchmarks/classification_vs_hf.py --methods freeze --epochs 3
 
-The peer runs in its best configuration on this CPU (bf16 autocast + group_by_length); each
-tool uses its own default hyper-parameters for the method. Prints one Markdown table:
+The peer runs in its best configuration on this CPU (bf16 autocast + group_by_length). Both do
+the same work: tunelab's LoRA takes the peer's adapter shape (r 8, alpha 16, dropout 0.1, on
+query and value: `PEER_LORA`) and `freeze` trains the same top 2 layers; the learning rates
+and schedules, which change no work, are each tool's own defaults. Prints one Markdown table:
 training samples/s, real tokens/s, padding, model FLOP/s as a share of the measured bf16
 matmul ceiling, peak RSS, test accuracy (872 rows), and tunelab/peer ratios.
 """
@@ -55,8 +57,13 @@ def run_peer(method: str, args: argparse.Namespace, out: Path) -> dict:
             "mfu": r["mfu_matmul"]}  # fmt: skip
 
 
+# the adapter hf_cls.py builds (LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=[...]))
+PEER_LORA = ["lora.rank=8", "lora.alpha=16", "lora.dropout=0.1", "lora.target_modules=[query,value]"]
+
+
 def tunelab_overrides(method: str, args: argparse.Namespace, data: Path) -> list[str]:
-    return ["model=minilm-l6", f"method={method}", f"data.train={data / 'train.tsv'}",
+    same_work = PEER_LORA if method == "lora" else ["freeze.trainable_layers=2"] if method == "freeze" else []
+    return [*same_work, "model=minilm-l6", f"method={method}", f"data.train={data / 'train.tsv'}",
             f"data.validation={data / 'validation.tsv'}", f"data.test={SST2 / 'test.tsv'}", "data.text_column=sentence",
             f"data.max_length={args.max_len}", f"train.epochs={args.epochs}", f"train.batch_size={args.batch_size}",
             "train.precision=bf16", "train.eval_each_epoch=false", "train.progress_bar=false"]  # fmt: skip

@@ -4,8 +4,8 @@ rows, held-out rows, epochs, batch 8, maximum length 256, bf16), each in its own
 
     python benchmarks/sft_vs_hf.py [--n-train 512] [--data sst2|mix]
 
-Each tool uses its own LoRA defaults (the peer: r8 on q/k/v/o with dropout 0.05; tunelab:
-r16 on every linear layer). Prints one Markdown table: training samples/s, real (non-padding)
+Both train the same adapter, the peer's (r 8, alpha 16, dropout 0.05 on q/k/v/o: `PEER_LORA`);
+the learning rates, which change no work, are each tool's own defaults. Prints one Markdown table: training samples/s, real (non-padding)
 tokens/s, padding, peak RSS, held-out loss, and the tunelab/peer ratios.
 """
 
@@ -53,8 +53,17 @@ def run_peer(work: Path, model: str, n_train: int, data: str) -> dict:
     return json.loads(peer_out.read_text())
 
 
+# the adapter hf_clm.py builds (LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=[...]))
+PEER_LORA = [
+    "lora.rank=8",
+    "lora.alpha=16",
+    "lora.dropout=0.05",
+    "lora.target_modules=[q_proj,k_proj,v_proj,o_proj]",
+]
+
+
 def tunelab_overrides(work: Path) -> list[str]:
-    return ["model=smollm2-135m", "task=causal-lm", "method=lora", f"data.train={work / 'train.jsonl'}",
+    return [*PEER_LORA, "model=smollm2-135m", "task=causal-lm", "method=lora", f"data.train={work / 'train.jsonl'}",
             f"data.validation={work / 'held.jsonl'}", "train.epochs=1", "train.batch_size=8", "data.max_length=256",
             "train.precision=bf16", "train.eval_each_epoch=false", "generation.eval_samples=0",
             "generation.compare_base=false", "train.progress_bar=false"]  # fmt: skip

@@ -10,7 +10,9 @@ invocation, each tool in its own process (so peak RSS is each one's own), altern
 
 Same model, rows, epochs, batch size, maximum length and precision (bf16) for both; the peer
 runs in its fastest configuration on this CPU (bf16 autocast; `group_by_length` for the
-classifiers), each tool with its own defaults for the method. Before each tunelab run,
+classifiers). LoRA runs train the peer's adapter (its rank, alpha, dropout and target layers)
+and `freeze` the same top 2 layers; learning rates, which change no work, are each tool's own.
+Before each tunelab run,
 `tunelab estimate` predicts its time and peak memory, and the table reports how far off it was.
 Prints one Markdown table and appends the raw results to benchmarks/results/speed_vs_hf.jsonl.
 """

@@ -89,6 +89,26 @@ def test_predictions_are_close_to_a_real_epoch(estimated, measured):
         assert row["eval_s"] > 0 and row["timed_steps"] == 10
 
 
+def test_freeze_cache_pass_is_predicted_from_a_sample(setting):
+    """freeze's one-time cache pass is timed on a sample of the rows and scaled to all of them;
+    the prediction must be near the real run's pass (and its epoch near the real epoch)."""
+    folder, overrides = setting
+    freeze = [*overrides, "method=freeze", "freeze.trainable_layers=1"]
+    code, out, err = run_cli("estimate", *freeze, "--methods", "freeze", "--json")
+    assert code == 0, err
+    row = json.loads(out)["methods"][0]
+    run = folder / "run-freeze"
+    done = subprocess.run([sys.executable, "-m", "tunelab", "train", *freeze, "train.epochs=1",
+                           "train.progress_bar=false", f"output_dir={run}"],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    train = json.loads((run / "eval.json").read_text())["train"]
+    assert train["setup_s"] > 0, "the run built the cache"
+    print(f"freeze: cache pass predicted {row['setup_s']:.3f} s, measured {train['setup_s']:.3f} s")
+    assert 0.33 <= row["setup_s"] / train["setup_s"] <= 3, (row["setup_s"], train["setup_s"])
+    assert 0.33 <= row["epoch_s"] / (train["runtime_s"] - train["eval_s"]) <= 3
+
+
 def test_json_puts_the_configured_method_first_and_says_how(estimated):
     assert [m["method"] for m in estimated["methods"]] == ["lora", "full"]
     assert [m["configured"] for m in estimated["methods"]] == [True, False]

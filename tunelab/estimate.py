@@ -11,7 +11,8 @@ pass, here on the longest validation rows at `train.eval_batch_size`. The first 
 are warm-up; the repeated steps fit `time = a + b * padded tokens`, and the steps whose batch
 shape is new give the one-time cost of a new shape (kernel set-up, large for small models).
 The epoch is the sum of the line over the plan's steps, plus that cost per distinct batch
-shape in the plan, plus the warm-up's extra time. Peak memory is the child's `ru_maxrss` at
+shape in the plan, plus the warm-up's extra time, plus `freeze`'s one-time cache pass (timed
+on a sample of up to 1024 training rows and scaled by padded tokens). Peak memory is the child's `ru_maxrss` at
 the end; the time of a whole validation pass is the probe's pass scaled by token count
 (approximate).
 
@@ -43,6 +44,7 @@ from tunelab.config import Config, batch_size
 from tunelab.errors import ConfigError, TunelabError
 
 WARMUP_STEPS = 2  # run but left out of the fit: first-use allocations and set-up
+CACHE_SAMPLE_ROWS = 1024  # freeze: training rows whose cache pass is timed, to scale to all
 
 
 @dataclass
@@ -211,6 +213,39 @@ def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
 # ------------------------------------------------------------------------------ loading, probing
 
 
+def time_cache_pass(model: Any, train: list[dict[str, Any]], task: Any, pad_id: int, config: Config,
+                    device: Any) -> float | None:  # fmt: skip
+    """freeze's one-time cache pass over all of `train`, predicted from timing the real pass
+    (`FrozenCache.build`) on a random sample of up to CACHE_SAMPLE_ROWS rows, after a small
+    warm-up pass, and scaling by padded tokens; None where no cache applies. (The probe's own
+    pass covers only its few rows, spread over all lengths: too few and too padded to scale.)"""
+    from tunelab.loop import autocast, resolve_precision
+    from tunelab.speed import FrozenCache, cache_batches
+    from tunelab.tasks.base import padded_length
+
+    dtype, size = resolve_precision(config.train.precision, device), config.train.eval_batch_size
+    rows = random.Random(config.seed).sample(range(len(train)), min(len(train), CACHE_SAMPLE_ROWS))
+    sample = [train[i] for i in rows]
+
+    def build(examples: list[dict[str, Any]]) -> Any:
+        return FrozenCache.build(
+            model, examples, task.collate, pad_id, size, device, lambda: autocast(device, dtype)
+        )
+
+    def pass_tokens(examples: list[dict[str, Any]]) -> int:
+        lengths = [len(e["input_ids"]) for e in examples]
+        return sum(padded_length(max(lengths[i] for i in b), task.pad_multiple) * len(b)
+                   for b in cache_batches(lengths, size))  # fmt: skip
+
+    warm = build(sample[:8])
+    if warm is None:
+        return None
+    warm.close()
+    began = time.perf_counter()
+    build(sample).close()
+    return (time.perf_counter() - began) * pass_tokens(train) / pass_tokens(sample)
+
+
 def probe(spec: dict[str, Any]) -> dict[str, Any]:
     """In the child process: build the method's model, run the probe steps through `fit`, and
     return each step's (padded tokens, seconds, new batch shapes), the eval pass time and the
@@ -258,6 +293,9 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
     tc.eval_each_epoch, tc.eval_steps, tc.early_stopping_patience = False, None, None
     lr = config.train.learning_rate or method.DEFAULT_LR
     validation = [splits.validation[i] for i in spec["validation_rows"]]
+    cache_s = None
+    if config.method == "freeze" and config.train.fast_kernels and not task.generative:
+        cache_s = time_cache_pass(model, splits.train, task, tokenizer.pad_token_id, config, device)
     began = time.perf_counter()
     result = fit(model, task, [splits.train[i] for i in spec["rows"]], validation, probe_config, lr,
                  tokenizer.pad_token_id, log, device)  # fmt: skip
@@ -266,6 +304,7 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
         "steps": [[tokens, t - start, new] for (t, tokens, new), start in zip(marks, starts)],
         "eval_s": result.eval_s,
         "setup_s": result.setup_s,
+        "cache_s": cache_s,
         "cache_mb": result.cache_mb,
         "probe_rows": len(spec["rows"]),
         "train_rows": spec["train_rows"],
@@ -397,15 +436,16 @@ def predict(row: MethodEstimate, outcome: dict[str, Any], plan: list[Step], eval
     a, b = fit_line([float(x) for x, _, _ in repeated], [t for _, t, _ in repeated])
     fresh = [m for m in timed if m[2]] if repeated is not timed else []
     new_shape = max(0.0, sum(t - a - b * x for x, t, _ in fresh) / max(1, sum(n for _, _, n in fresh)))
-    warmup = max(0.0, sum(t - a - b * x - new_shape * n for x, t, n in measured[:warm]))
+    # the probe's own one-time set-up (freeze's cache of its few rows) ran inside its first step
+    probe_setup = outcome.get("setup_s", 0.0)
+    warmup = max(0.0, sum(t - a - b * x - new_shape * n for x, t, n in measured[:warm]) - probe_setup)
     shapes = len({shape for step in plan for shape in step.shapes})
     row.step_intercept_s, row.step_per_token_s, row.new_shape_s, row.warmup_s = a, b, new_shape, warmup
-    # one-time set-up that grows with the training rows (the freeze cache) was measured on the
-    # probe's rows only: scale it to the whole training set
+    # set-up that grows with the training rows: the cache pass timed on a sample and scaled
+    # (`time_cache_pass`), else the probe's own scaled by rows
     scale = outcome.get("train_rows", 1) / max(1, outcome.get("probe_rows", 1)) - 1
-    row.setup_s = outcome.get("setup_s", 0.0) * (scale + 1)
-    row.epoch_s = sum(a + b * step.tokens for step in plan) + new_shape * shapes + warmup
-    row.epoch_s += outcome.get("setup_s", 0.0) * scale
+    row.setup_s = outcome["cache_s"] if outcome.get("cache_s") is not None else probe_setup * (scale + 1)
+    row.epoch_s = sum(a + b * step.tokens for step in plan) + new_shape * shapes + warmup + row.setup_s
     row.timed_steps = len(timed)
     row.eval_s = outcome["eval_s"] * eval_scale
     row.trainable_params, row.total_params = outcome["trainable_params"], outcome["total_params"]

@@ -324,6 +324,12 @@ def row_starts(lengths: list[int]) -> list[int]:
     return list(itertools.accumulate(lengths[:-1], initial=0))
 
 
+def cache_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """The batches of the cache's inference pass: rows sorted by length, `batch_size` at a time."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+
+
 class FrozenCache:
     """For `freeze`: the frozen lower part of the model (embeddings and the frozen blocks) is
     run once over the training rows, in eval mode, and its output per row is kept; training
@@ -431,9 +437,7 @@ class FrozenCache:
                 raise _StopForward
 
             hooks = [blocks[k - 1].register_forward_hook(stop)]
-            order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
-            for s in range(0, len(order), batch_size):
-                chunk = order[s : s + batch_size]
+            for chunk in cache_batches(lengths, batch_size):
                 batch = collate([examples[i] for i in chunk], pad_id)
                 batch.pop("labels", None)
                 captured.clear()
