@@ -106,8 +106,11 @@ class Estimate:
                 f"{self.longest_step_tokens:,} padded tokens) run twice each through the training loop on this "
                 f"machine, the first {self.warmup_steps} as warm-up; time per step = a + b x padded tokens, "
                 f"summed over the epoch's {self.steps_per_epoch} steps, plus a one-time cost per new batch "
-                f"shape ({self.batch_shapes} in the epoch); peak RSS of each method's own process, a validation "
-                f"pass on the longest rows included; eval pass scaled from those rows by tokens (approximate)")  # fmt: skip
+                f"shape ({self.batch_shapes} in the epoch)"
+                + ("; freeze: its one-time cache pass, timed on a sample of the rows and scaled by tokens"
+                   if any(m.method == "freeze" and m.setup_s for m in self.methods) else "")
+                + "; peak RSS of each method's own process, a validation "
+                "pass on the longest rows included; eval pass scaled from those rows by tokens (approximate)")  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "basis": self.basis}
