@@ -22,13 +22,14 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT.parent / "shared" / "bench"
 
 
-def prepare(n_train: int, data: str) -> tuple[Path, str]:
-    """The peer's own pairs as tunelab chat files (train.jsonl, held.jsonl) in a fresh folder."""
+def prepare(n_train: int, data: str, work: Path) -> tuple[Path, str]:
+    """The peer's own pairs as tunelab chat files (train.jsonl, held.jsonl) in `work` (made
+    here; the caller removes it)."""
     sys.path.insert(0, str(ROOT))
     from tunelab.models import resolve_model
 
     model = resolve_model("smollm2-135m")  # the converted safetensors folder, which the peer reads too
-    work = Path(tempfile.mkdtemp(prefix="tunelab-sft-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
     pairs = work / "pairs.jsonl"
     subprocess.run([sys.executable, str(BENCH / "hf_clm.py"), "--data", data, "--model", model,
                     "--dump-data", str(pairs), "--dump-only"], check=True, cwd=BENCH, capture_output=True)  # fmt: skip
@@ -81,10 +82,11 @@ def main() -> None:
     parser.add_argument("--n-train", type=int, default=512)
     parser.add_argument("--data", default="sst2", choices=["sst2", "mix"])
     args = parser.parse_args()
-    work, model = prepare(args.n_train, args.data)
-    train = (work / "train.jsonl").read_text().splitlines()
-    peer = run_peer(work, model, args.n_train, args.data)
-    report = run_tunelab(work)
+    with tempfile.TemporaryDirectory(prefix="tunelab-sft-bench-") as tmp:
+        work, model = prepare(args.n_train, args.data, Path(tmp))
+        train = (work / "train.jsonl").read_text().splitlines()
+        peer = run_peer(work, model, args.n_train, args.data)
+        report = run_tunelab(work)
     ours = report["train"]
     rows_out = [
         ("samples/s", peer["train_samples_per_s"], ours["samples_per_s"]),

@@ -69,8 +69,8 @@ def classification(
     return {tool: mean(rs) for tool, rs in results.items()}
 
 
-def sft_workload(args: argparse.Namespace, peak: float) -> dict:
-    work, model = sft.prepare(512, "sst2")
+def sft_workload(args: argparse.Namespace, peak: float, folder: Path) -> dict:
+    work, model = sft.prepare(512, "sst2", folder)
     results: dict[str, list[dict]] = {"peer": [], "tunelab": []}
     for _ in range(args.repeats):
         r = sft.run_peer(work, model, 512, "sst2")
@@ -138,7 +138,7 @@ def main() -> None:
                     row(f"1. minilm-l6 SST-2 {method}, 1 epoch", "acc", r["peer"], r["tunelab"], "accuracy")
                 )
         if "2" in workloads:
-            raw["2-sft"] = r = sft_workload(args, peak)
+            raw["2-sft"] = r = sft_workload(args, peak, data / "sft")
             rows.append(row("2. smollm2-135m LoRA SFT, 512 pairs", "loss", r["peer"], r["tunelab"], "loss"))
         if "3" in workloads:
             raw["3-freeze"] = r = classification("freeze", 3, args, data, mm, peak)
