@@ -109,6 +109,25 @@ def test_freeze_cache_pass_is_predicted_from_a_sample(setting):
     assert 0.33 <= row["epoch_s"] / (train["runtime_s"] - train["eval_s"]) <= 3
 
 
+def test_no_cache_pass_is_predicted_when_the_cache_would_not_fit(setting, monkeypatch):
+    import torch
+
+    from tunelab import speed
+    from tunelab.config import load_config
+    from tunelab.estimate import time_cache_pass
+    from tunelab.methods import METHODS
+    from tunelab.run import build_model, load_inputs
+
+    _, overrides = setting
+    config = load_config(None, [*overrides, "method=freeze", "freeze.trainable_layers=1"])
+    path, tokenizer, task, splits = load_inputs(config)
+    model = build_model(config, task, METHODS["freeze"], path, tokenizer)
+    args = (model, splits.train, task, tokenizer.pad_token_id, config, torch.device("cpu"))
+    assert time_cache_pass(*args) > 0
+    monkeypatch.setattr(speed, "CACHE_BUDGET_MB", 0.01)  # the training run would skip the cache
+    assert time_cache_pass(*args) is None
+
+
 def test_json_puts_the_configured_method_first_and_says_how(estimated):
     assert [m["method"] for m in estimated["methods"]] == ["lora", "full"]
     assert [m["configured"] for m in estimated["methods"]] == [True, False]

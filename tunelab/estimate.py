@@ -223,7 +223,7 @@ def time_cache_pass(model: Any, train: list[dict[str, Any]], task: Any, pad_id: 
     warm-up pass, and scaling by padded tokens; None where no cache applies. (The probe's own
     pass covers only its few rows, spread over all lengths: too few and too padded to scale.)"""
     from tunelab.loop import autocast, resolve_precision
-    from tunelab.speed import FrozenCache, cache_batches
+    from tunelab.speed import CACHE_BUDGET_MB, FrozenCache, cache_batches, cache_mb
     from tunelab.tasks.base import padded_length
 
     dtype, size = resolve_precision(config.train.precision, device), config.train.eval_batch_size
@@ -244,6 +244,8 @@ def time_cache_pass(model: Any, train: list[dict[str, Any]], task: Any, pad_id: 
     if warm is None:
         return None
     warm.close()
+    if cache_mb(sum(len(e["input_ids"]) for e in train), warm.table.shape[1]) > CACHE_BUDGET_MB:
+        return None  # too large: the run trains without the cache
     began = time.perf_counter()
     build(sample).close()
     return (time.perf_counter() - began) * pass_tokens(train) / pass_tokens(sample)
@@ -256,6 +258,7 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     import tqdm.auto  # noqa: F401  (the loop imports it before its clock starts; so do we)
 
+    from tunelab import speed
     from tunelab.config import load_config
     from tunelab.loop import fit, peak_rss_mb, pick_device
     from tunelab.methods import METHODS
@@ -299,6 +302,8 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
     cache_s = None
     if config.method == "freeze" and config.train.fast_kernels and not task.generative:
         cache_s = time_cache_pass(model, splits.train, task, tokenizer.pad_token_id, config, device)
+        if cache_s is None:  # no cache for the whole set: none for the probe's few rows either
+            speed.FrozenCache.build = classmethod(lambda cls, *args, **kwargs: None)
     began = time.perf_counter()
     result = fit(model, task, [splits.train[i] for i in spec["rows"]], validation, probe_config, lr,
                  tokenizer.pad_token_id, log, device)  # fmt: skip

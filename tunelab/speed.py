@@ -324,6 +324,14 @@ def row_starts(lengths: list[int]) -> list[int]:
     return list(itertools.accumulate(lengths[:-1], initial=0))
 
 
+CACHE_BUDGET_MB = 2048  # the most memory freeze's cache may take; above it, no cache
+
+
+def cache_mb(tokens: int, width: int) -> float:
+    """Memory of a cache of `tokens` rows of `width` float32 values."""
+    return tokens * width * 4 / 2**20
+
+
 def cache_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     """The batches of the cache's inference pass: rows sorted by length, `batch_size` at a time."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
@@ -392,7 +400,7 @@ class FrozenCache:
     @classmethod
     @torch.inference_mode()
     def build(cls, model: nn.Module, examples: list[dict[str, Any]], collate: Any, pad_id: int,
-              batch_size: int, device: torch.device, amp: Any, budget_mb: float = 2048) -> FrozenCache | None:  # fmt: skip
+              batch_size: int, device: torch.device, amp: Any, budget_mb: float = CACHE_BUDGET_MB) -> FrozenCache | None:  # fmt: skip
         from tunelab.methods.common import block_stacks
 
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -423,7 +431,7 @@ class FrozenCache:
             model(**{k2: v.to(device) for k2, v in probe.items()})
             if seen.get("entry") is not seen.get("block") or not torch.is_tensor(seen.get("block")):
                 return None
-            if tokens * seen["block"].shape[-1] * 4 / 2**20 > budget_mb:  # float32 rows
+            if cache_mb(tokens, seen["block"].shape[-1]) > budget_mb:
                 return None
             for h in hooks:
                 h.remove()
