@@ -369,7 +369,7 @@ def fit(
                         loss_sum = task.loss(model, to_device(batch, device))
                     # DDP averages gradients over processes: scale back up to a global sum
                     scaler.scale(loss_sum * dist.world / units).backward()
-                    running_loss += loss_sum.item()
+                    running_loss += loss_sum.detach()  # a tensor: read only when logged (no per-step sync)
                 if tc.max_grad_norm is not None:
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(trainable, tc.max_grad_norm)
@@ -390,7 +390,7 @@ def fit(
                 progress.update(1)
                 epoch_pos = result.epoch_index + min(1.0, result.step_in_epoch / steps_per_epoch)
                 if result.steps % tc.log_steps == 0 or result.steps == total_steps:
-                    running_loss = all_reduce_sum([running_loss], dist)[0]
+                    running_loss = all_reduce_sum([float(running_loss)], dist)[0]
                     now = time.perf_counter()
                     entry = {
                         "step": result.steps,
