@@ -27,7 +27,7 @@ from tunelab.checkpoint import load_checkpoint, save_checkpoint
 from tunelab.config import Config, batch_size
 from tunelab.dist import Dist, all_reduce_sum, broadcast_flag, full_state, gather_tensors, shard_model
 from tunelab.errors import ConfigError, Interrupted
-from tunelab.speed import FrozenCache
+from tunelab.speed import FrozenCache, cache_mb
 from tunelab.tasks.base import padded_length
 
 
@@ -342,7 +342,7 @@ def fit(
 
     if cache is not None:
         result.setup_s = round(result.setup_s + cache_s, 3)
-        result.cache_mb = round(cache.table.numel() * cache.table.element_size() / 2**20, 1)
+        result.cache_mb = round(cache_mb(*cache.table.shape), 1)
     model.train()
     start = time.perf_counter() - result.runtime_s - cache_s
     stop = result.steps >= total_steps

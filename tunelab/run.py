@@ -41,7 +41,7 @@ from tunelab.data import is_missing, read_table, require_columns
 from tunelab.dist import device_for, full_state, init_distributed, shutdown
 from tunelab.errors import ConfigError, Interrupted, TunelabError
 from tunelab.loop import fit, peak_rss_mb, pick_device, resolve_precision
-from tunelab.methods import METHODS
+from tunelab.methods import METHODS, plain_weights
 from tunelab.models import count_params, load_tokenizer, quiet_transformers, resolve_model
 from tunelab.tasks import TASKS
 
@@ -420,7 +420,7 @@ def finish_run(config: Config, task: Any, method: Any, model: torch.nn.Module, t
     speed.undo(model)
     method.save(model, tmp / "model")
     tokenizer.save_pretrained(tmp / "model")
-    if method.merge is not None and config.method not in ("full", "freeze"):  # those are plain weights
+    if method.merge is not None and not plain_weights(method):
         report["merge"] = check_merge(
             config, task, tmp / "model", splits.validation or splits.train, tokenizer
         )

@@ -3,6 +3,8 @@
 Each module has `DEFAULT_LR`, `apply(model, config, task)` (marks what trains, returns the
 model to train), `save(model, dir)`, `load(config, task, dir)`, and `merge(model)` returning
 plain transformers weights (`merge = None` where the maths does not allow it).
+`PLAIN_WEIGHTS = True` marks a method whose trained model already is plain weights (its
+`merge` returns it as is), so there is no merge to check.
 """
 
 from tunelab.methods import adapter, freeze, full, ia3, lora, prefix, prompt
@@ -16,3 +18,8 @@ METHODS = {
     "prompt": prompt,
     "ia3": ia3,
 }
+
+
+def plain_weights(method: object) -> bool:
+    """Whether the method's trained model already is plain weights (nothing to merge)."""
+    return getattr(method, "PLAIN_WEIGHTS", False)

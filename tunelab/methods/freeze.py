@@ -15,6 +15,7 @@ from torch import nn
 from tunelab.methods.common import base_model, block_stacks, freeze_all_but, load_trainable, save_trainable
 
 DEFAULT_LR = 1e-4
+PLAIN_WEIGHTS = True  # the trained layers are plain layers: `merge` returns the model as is
 
 
 def trained_prefixes(model: nn.Module, config: Any) -> list[str]:

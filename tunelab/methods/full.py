@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 DEFAULT_LR = 1e-4
+PLAIN_WEIGHTS = True  # the trained model is the plain model: `merge` returns it as is
 
 
 def apply(model: nn.Module, config: Any, task: Any) -> nn.Module:
