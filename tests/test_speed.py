@@ -47,8 +47,21 @@ def _classifier(tiny_bert, dropout_free):
     return model
 
 
+def _count_packed_layers(monkeypatch):
+    calls = []
+    real = speed._packed_layer
+
+    def counted(layer, x, *args):
+        calls.append(x.shape[0])  # the packed rows the layer saw
+        return real(layer, x, *args)
+
+    monkeypatch.setattr(speed, "_packed_layer", counted)
+    return calls
+
+
 @pytest.mark.parametrize("method", ["full", "lora", "prompt", "prefix"])
-def test_cpu_attention_and_first_token_layer_match_the_model(tiny_bert, method):
+def test_cpu_attention_and_first_token_layer_match_the_model(tiny_bert, method, monkeypatch):
+    packed = _count_packed_layers(monkeypatch)
     tokenizer = load_tokenizer(str(tiny_bert))
     batch = tokenizer(["good movie", "the plot was very dull and the acting so bad"], padding=True,
                       return_tensors="pt")  # fmt: skip
@@ -66,9 +79,53 @@ def test_cpu_attention_and_first_token_layer_match_the_model(tiny_bert, method):
     for (name, a), b in zip(reference.named_parameters(), patched.parameters()):
         if a.grad is not None:
             assert torch.allclose(a.grad, b.grad, atol=1e-5), name
+    # the encoder ran on the real tokens only (prefix tuning's key/value cache keeps the padded path)
+    real = int(batch["attention_mask"].sum()) + (
+        2 * 20 if method == "prompt" else 0
+    )  # 20 virtual tokens a row
+    assert packed == ([] if method == "prefix" else [real] * 2 * 2)  # 2 layers x 2 training forwards
     speed.undo(patched)
+    assert "forward" not in vars(
+        patched.get_base_model().bert.encoder if method != "full" else patched.bert.encoder
+    )
     assert patched.config._attn_implementation == reference.config._attn_implementation
     assert not hasattr(patched.config, "tunelab_attention")
+
+
+def test_packed_encoder_gives_token_classifiers_every_position(tiny_bert, monkeypatch):
+    """Without the first-token layer, the packed encoder puts every real token back in its
+    padded place (zeros at padding) for a per-token head; logits at real tokens and all
+    gradients match the model's own code, and evaluation keeps the model's own path."""
+    packed = _count_packed_layers(monkeypatch)
+    tokenizer = load_tokenizer(str(tiny_bert))
+    batch = tokenizer(["good movie", "the plot was very dull and the acting so bad"], padding=True,
+                      return_tensors="pt")  # fmt: skip
+    config = load_config(model=str(tiny_bert), task="token-classification")
+    task = TASKS["token-classification"](config)
+    task.labels = ["O", "B-X", "I-X"]
+    torch.manual_seed(0)
+    reference = task.build_model(str(tiny_bert))
+    for module in reference.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    patched = copy.deepcopy(reference)
+    speed.apply(patched, task, cpu=True)
+    real = batch["attention_mask"].bool()
+    outputs = []
+    for model in (reference, patched):
+        model.train()
+        logits = model(**batch).logits
+        logits[real].pow(2).sum().backward()
+        outputs.append(logits[real])
+    assert packed == [int(real.sum())] * 2
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-5)
+    for (name, a), b in zip(reference.named_parameters(), patched.parameters()):
+        if a.grad is not None:
+            assert torch.allclose(a.grad, b.grad, atol=1e-5), name
+    patched.eval()
+    with torch.no_grad():
+        assert torch.allclose(reference.eval()(**batch).logits, patched(**batch).logits, atol=1e-5)
+    assert len(packed) == 2
 
 
 def test_first_token_layer_only_for_classifiers_reading_the_first_position(tiny_bert):

@@ -15,6 +15,14 @@ it cheaper; none changes the saved weights or config files.
   position of the last layer (the pooler / head take `[:, 0]`). The last layer then needs
   keys and values at every position but the query, attention output and feed-forward only
   at the first: about 1/7 of the model's matrix FLOPs saved, with identical logits.
+- Packed encoder (`packed_encoder`): in training, a BERT-family encoder runs its linear
+  layers, layer norms, dropout and GELU on the real tokens only, gathered into one
+  [tokens, width] matrix; only the attention scores see the padded [batch, heads, length]
+  layout (keys, queries and values are scattered into it with zeros at padding, the way the
+  mask then ignores them). Padding is 7-14% of the tokens of length-bucketed SST-2 batches;
+  the in-process A/B here measured 6-7% faster minilm-l6 steps (full and LoRA). Prefix
+  tuning (a key/value cache), gradient checkpointing, hooks on the layers and left padding
+  keep the model's own path, as does evaluation.
 
 - Frozen linear layers (every method but `full`) keep a bf16 copy of their weights instead
   of having autocast cast them on every call, and peft's LoRA linear layers run as one
@@ -148,11 +156,7 @@ def _first_token_forward(
     value = attention.value(hidden_states).view(batch, length, heads, size).transpose(1, 2)
     if attention_mask is not None and attention_mask.dim() == 4:
         attention_mask = attention_mask[:, :, :1]
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    default = sys.modules[type(attention).__module__].eager_attention_forward
-    interface = ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, default)
-    out, _ = interface(attention, query, key, value, attention_mask,
+    out, _ = _attention_interface(attention)(attention, query, key, value, attention_mask,
                        dropout=attention.dropout.p if attention.training else 0.0, scaling=attention.scaling)  # fmt: skip
     attended = self.attention.output(out.reshape(batch, 1, -1), first)
     return self.feed_forward_chunk(attended)
@@ -181,6 +185,136 @@ def first_token_last_layer(model: nn.Module, task: Any) -> nn.Module | None:
         return None
     layer.forward = types.MethodType(_first_token_forward, layer)
     return layer
+
+
+def _attention_interface(attention: nn.Module) -> Any:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    default = sys.modules[type(attention).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, default)
+
+
+def _packed_layer(layer: nn.Module, x: torch.Tensor, index: torch.Tensor, firsts: torch.Tensor | None,
+                  shape: tuple[int, int], mask: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """One BERT-family layer on packed rows `x` ([real tokens, width]): only the attention
+    scores see the padded [batch, heads, length, size] layout. With `firsts` (the packed
+    positions of each row's first token) it returns only the first positions, [batch, width]."""
+    attention = layer.attention.self
+    batch, length = shape
+    heads, size = attention.num_attention_heads, attention.attention_head_size
+
+    def spread(t: torch.Tensor) -> torch.Tensor:  # packed -> [batch, heads, length, size], zeros at padding
+        full = t.new_zeros(batch * length, t.shape[-1]).index_copy(0, index, t)
+        return full.view(batch, length, heads, size).transpose(1, 2)
+
+    residual = x if firsts is None else x.index_select(0, firsts)
+    query = attention.query(residual)
+    if firsts is None:
+        query = spread(query)
+    else:
+        query, mask = query.view(batch, 1, heads, size).transpose(1, 2), mask[:, :, :1]
+    key, value = spread(attention.key(x)), spread(attention.value(x))
+    out, _ = _attention_interface(attention)(attention, query, key, value, mask,
+                                             dropout=attention.dropout.p if attention.training else 0.0,
+                                             scaling=attention.scaling)  # fmt: skip
+    out = out.reshape(-1, heads * size)
+    if firsts is None:
+        out = out.index_select(0, index)
+    return layer.feed_forward_chunk(layer.attention.output(out, residual))
+
+
+def _packable(encoder: nn.Module, hidden_states: torch.Tensor, mask: Any, others: list[Any]) -> bool:
+    if (
+        not encoder.training
+        or hidden_states.device.type != "cpu"
+        or not torch.is_tensor(mask)
+        or mask.dim() != 4
+    ):
+        return False
+    if any(o is not None and o is not False for o in others):  # cross-attention, a KV cache (prefix tuning)
+        return False
+    return not any(
+        getattr(layer, "gradient_checkpointing", False)
+        or layer._forward_hooks
+        or layer._forward_pre_hooks
+        or layer.chunk_size_feed_forward
+        for layer in encoder.layer
+    )
+
+
+def _packed_encoder_forward(
+    self: nn.Module,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    encoder_hidden_states: torch.Tensor | None = None,
+    encoder_attention_mask: torch.Tensor | None = None,
+    past_key_values: Any = None,
+    use_cache: bool | None = None,
+    **kwargs: Any,
+) -> Any:
+    """A BERT-family encoder's forward with padding left out of every per-token operation."""
+    args = (
+        hidden_states,
+        attention_mask,
+        encoder_hidden_states,
+        encoder_attention_mask,
+        past_key_values,
+        use_cache,
+    )
+    if not _packable(
+        self, hidden_states, attention_mask, [encoder_hidden_states, past_key_values, use_cache]
+    ):
+        return type(self).forward(self, *args, **kwargs)
+    batch, length, width = hidden_states.shape
+    row = attention_mask[:, 0, 0, :]
+    valid = row if row.dtype == torch.bool else row == 0
+    if not bool(valid[:, 0].all()):  # left padding: the first position is not a real token
+        return type(self).forward(self, *args, **kwargs)
+    index = valid.reshape(-1).nonzero().squeeze(1)
+    x = hidden_states.reshape(-1, width).index_select(0, index)
+    layers = [layer for layer in self.layer if not FrozenCache.skips(layer)]
+    firsts = None
+    for i, layer in enumerate(layers):
+        if (
+            i == len(layers) - 1
+            and getattr(vars(layer).get("forward"), "__func__", None) is _first_token_forward
+        ):
+            lengths = valid.sum(1)
+            firsts = lengths.cumsum(0) - lengths
+        x = _packed_layer(layer, x, index, firsts, (batch, length), attention_mask)
+    if firsts is not None:
+        out = x.view(batch, 1, -1)
+    else:
+        out = x.new_zeros(batch * length, x.shape[-1]).index_copy(0, index, x).view(batch, length, -1)
+    from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
+
+    return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=out)
+
+
+def packed_encoder(model: nn.Module) -> nn.Module | None:
+    """Make a BERT-family encoder leave padding out of its training forward (see the module
+    docstring); returns the patched encoder, or None if not applicable."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    if config.model_type not in FIRST_TOKEN_TYPES or getattr(config, "is_decoder", False):
+        return None
+    encoder = getattr(getattr(base, "base_model", base), "encoder", None)
+    layers = getattr(encoder, "layer", None)
+    if not isinstance(layers, nn.ModuleList) or not len(layers):
+        return None
+    for layer in layers:
+        attention = getattr(getattr(layer, "attention", None), "self", None)
+        if attention is None or not all(
+            hasattr(attention, k)
+            for k in ("query", "key", "value", "scaling", "num_attention_heads", "dropout")
+        ):
+            return None
+        if not all(hasattr(layer, k) for k in ("feed_forward_chunk", "chunk_size_feed_forward")):
+            return None
+        if getattr(layer, "add_cross_attention", False):
+            return None
+    encoder.forward = types.MethodType(_packed_encoder_forward, encoder)
+    return encoder
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -287,7 +421,7 @@ def use_fast_linears(model: nn.Module) -> int:
     return patched
 
 
-PATCHED = {"_first_token_forward", "_lora_forward", "_frozen_linear_forward"}
+PATCHED = {"_first_token_forward", "_lora_forward", "_frozen_linear_forward", "_packed_encoder_forward"}
 
 
 def apply(model: nn.Module, task: Any, cpu: bool) -> None:
@@ -299,6 +433,8 @@ def apply(model: nn.Module, task: Any, cpu: bool) -> None:
     if cpu and not getattr(task, "generative", False) and use_cpu_attention(model):
         base.config.tunelab_attention = original
     first_token_last_layer(model, task)
+    if cpu and not getattr(task, "generative", False):
+        packed_encoder(model)
 
 
 def undo(model: nn.Module) -> None:
@@ -360,6 +496,13 @@ class FrozenCache:
         entry.forward = types.MethodType(self._entry_forward, entry)
         for block in frozen:
             block.forward = types.MethodType(self._block_forward, block)
+            block.__dict__["_tunelab_cache"] = self
+
+    @staticmethod
+    def skips(block: nn.Module) -> bool:
+        """Whether `block` is a frozen block whose output the current batch takes from the cache."""
+        cache = vars(block).get("_tunelab_cache")
+        return cache is not None and cache.current is not None
 
     def _entry_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         if self.current is None:
@@ -396,6 +539,7 @@ class FrozenCache:
     def close(self) -> None:
         for module in (self.entry, *self.frozen):
             vars(module).pop("forward", None)
+            vars(module).pop("_tunelab_cache", None)
 
     @classmethod
     @torch.inference_mode()
