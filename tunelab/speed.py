@@ -19,8 +19,11 @@ it cheaper; none changes the saved weights or config files.
   layers, layer norms, dropout and GELU on the real tokens only, gathered into one
   [tokens, width] matrix; only the attention scores see the padded [batch, heads, length]
   layout (keys, queries and values are scattered into it with zeros at padding, the way the
-  mask then ignores them). Padding is 7-14% of the tokens of length-bucketed SST-2 batches;
-  the in-process A/B here measured 6-7% faster minilm-l6 steps (full and LoRA). Prefix
+  mask then ignores them). The packed row count is rounded up to a multiple of 64 with
+  filler rows that nothing reads: with a new matrix shape every batch, the kernel library's
+  per-shape memory raised peak RSS by ~400 MB and its set-up time ate the gain. Padding is
+  7-14% of the tokens of length-bucketed SST-2 batches; the in-process A/B here measured
+  6-7% faster minilm-l6 steps (full and LoRA, before rounding). Prefix
   tuning (a key/value cache), gradient checkpointing, hooks on the layers and left padding
   keep the model's own path, as does evaluation.
 
@@ -44,6 +47,7 @@ import torch
 from torch import nn
 
 ATTENTION = "tunelab-cpu"
+PACK_ROWS = 64  # the packed encoder's row counts are multiples of this (fewer distinct shapes)
 FIRST_TOKEN_TYPES = {"bert", "roberta", "xlm-roberta", "camembert", "electra"}
 
 
@@ -204,8 +208,9 @@ def _packed_layer(layer: nn.Module, x: torch.Tensor, index: torch.Tensor, firsts
     heads, size = attention.num_attention_heads, attention.attention_head_size
 
     def spread(t: torch.Tensor) -> torch.Tensor:  # packed -> [batch, heads, length, size], zeros at padding
-        full = t.new_zeros(batch * length, t.shape[-1]).index_copy(0, index, t)
-        return full.view(batch, length, heads, size).transpose(1, 2)
+        # (the filler rows that round the packed count up all land in one spare row at the end)
+        full = t.new_zeros(batch * length + 1, t.shape[-1]).index_copy(0, index, t)
+        return full[:-1].view(batch, length, heads, size).transpose(1, 2)
 
     residual = x if firsts is None else x.index_select(0, firsts)
     query = attention.query(residual)
@@ -219,7 +224,7 @@ def _packed_layer(layer: nn.Module, x: torch.Tensor, index: torch.Tensor, firsts
                                              scaling=attention.scaling)  # fmt: skip
     out = out.reshape(-1, heads * size)
     if firsts is None:
-        out = out.index_select(0, index)
+        out = torch.cat([out, out.new_zeros(1, out.shape[-1])]).index_select(0, index)
     return layer.feed_forward_chunk(layer.attention.output(out, residual))
 
 
@@ -271,7 +276,13 @@ def _packed_encoder_forward(
     if not bool(valid[:, 0].all()):  # left padding: the first position is not a real token
         return type(self).forward(self, *args, **kwargs)
     index = valid.reshape(-1).nonzero().squeeze(1)
-    x = hidden_states.reshape(-1, width).index_select(0, index)
+    # round the packed row count up to a multiple of PACK_ROWS with filler rows (pointing at a
+    # spare row past the end): every distinct matrix shape costs the kernel library memory
+    filler = -index.numel() % PACK_ROWS
+    index = torch.cat([index, index.new_full((filler,), batch * length)])
+    x = torch.cat([hidden_states.reshape(-1, width), hidden_states.new_zeros(1, width)]).index_select(
+        0, index
+    )
     layers = [layer for layer in self.layer if not FrozenCache.skips(layer)]
     firsts = None
     for i, layer in enumerate(layers):
@@ -285,7 +296,9 @@ def _packed_encoder_forward(
     if firsts is not None:
         out = x.view(batch, 1, -1)
     else:
-        out = x.new_zeros(batch * length, x.shape[-1]).index_copy(0, index, x).view(batch, length, -1)
+        out = (
+            x.new_zeros(batch * length + 1, x.shape[-1]).index_copy(0, index, x)[:-1].view(batch, length, -1)
+        )
     from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
     return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=out)
