@@ -85,6 +85,10 @@ def test_cpu_attention_and_first_token_layer_match_the_model(tiny_bert, method, 
     )  # 20 virtual tokens a row
     rows = -(-real // speed.PACK_ROWS) * speed.PACK_ROWS  # rounded up with filler rows
     assert packed == ([] if method == "prefix" else [rows] * 2 * 2)  # 2 layers x 2 training forwards
+    # evaluation keeps the padded layout: the model's own first layer, then the first-token layer
+    reference.eval(), patched.eval()
+    with torch.no_grad():
+        assert torch.allclose(reference(**batch).logits, patched(**batch).logits, atol=1e-5)
     speed.undo(patched)
     assert "forward" not in vars(
         patched.get_base_model().bert.encoder if method != "full" else patched.bert.encoder
