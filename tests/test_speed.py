@@ -35,6 +35,23 @@ def test_fast_dropout_rate_scale_and_gradient():
     assert odd.shape == (3, 5) and odd.dtype == torch.bfloat16
 
 
+def test_dropout_add_is_the_same_dropout_in_one_pass():
+    torch.manual_seed(0)
+    x = torch.randn(300, 70, requires_grad=True)
+    residual = torch.randn(300, 70, requires_grad=True)
+    torch.manual_seed(1)
+    y = speed.dropout_add(x, residual, 0.2, training=True)
+    torch.manual_seed(1)
+    expected = speed.fast_dropout(x.detach(), 0.2) + residual.detach()  # the same mask, drawn the same way
+    assert torch.allclose(y, expected, atol=1e-6)
+    kept = (expected - residual.detach()) != 0
+    assert abs(1 - kept.float().mean().item() - 0.2) < 0.01
+    y.backward(torch.ones_like(y))
+    assert torch.equal(residual.grad, torch.ones_like(y))
+    assert torch.allclose(x.grad, kept.float() * 32768 / (32768 - round(0.2 * 32768)))
+    assert torch.equal(speed.dropout_add(x, residual, 0.2, training=False), x + residual)
+
+
 def _classifier(tiny_bert, dropout_free):
     from transformers import AutoModelForSequenceClassification
 
@@ -62,6 +79,10 @@ def _count_packed_layers(monkeypatch):
 @pytest.mark.parametrize("method", ["full", "lora", "prompt", "prefix"])
 def test_cpu_attention_and_first_token_layer_match_the_model(tiny_bert, method, monkeypatch):
     packed = _count_packed_layers(monkeypatch)
+    fused = []
+    real_projection = speed._fused_projection
+    monkeypatch.setattr(speed, "_fused_projection",
+                        lambda *a: fused.append(real_projection(*a) is not None) or real_projection(*a))  # fmt: skip
     tokenizer = load_tokenizer(str(tiny_bert))
     batch = tokenizer(["good movie", "the plot was very dull and the acting so bad"], padding=True,
                       return_tensors="pt")  # fmt: skip
@@ -85,6 +106,8 @@ def test_cpu_attention_and_first_token_layer_match_the_model(tiny_bert, method, 
     )  # 20 virtual tokens a row
     rows = -(-real // speed.PACK_ROWS) * speed.PACK_ROWS  # rounded up with filler rows
     assert packed == ([] if method == "prefix" else [rows] * 2 * 2)  # 2 layers x 2 training forwards
+    # plain nn.Linear projections run as one product; peft's LoRA layers one by one
+    assert fused == ([] if method == "prefix" else [method != "lora"] * 2 * 2)
     # evaluation keeps the padded layout: the model's own first layer, then the first-token layer
     reference.eval(), patched.eval()
     with torch.no_grad():
@@ -131,6 +154,29 @@ def test_packed_encoder_gives_token_classifiers_every_position(tiny_bert, monkey
     with torch.no_grad():
         assert torch.allclose(reference.eval()(**batch).logits, patched(**batch).logits, atol=1e-5)
     assert len(packed) == 2
+
+
+def test_hooks_inside_a_layer_keep_the_models_own_path(tiny_bert, monkeypatch):
+    """The packed layer computes the attention output and feed-forward modules itself, so a
+    hook on one of them sends the encoder (or the first-token layer) back to the model's code."""
+    packed = _count_packed_layers(monkeypatch)
+    tokenizer = load_tokenizer(str(tiny_bert))
+    batch = tokenizer(["good movie", "the plot was dull"], padding=True, return_tensors="pt")
+    config = load_config(model=str(tiny_bert), method="full")
+    task = TASKS["classification"](config)
+    task.labels = ["a", "b", "c"]
+    model = METHODS["full"].apply(_classifier(tiny_bert, dropout_free=False), config, task)
+    speed.apply(model, task, cpu=True)
+    layers = model.bert.encoder.layer
+    seen = []
+    layers[0].output.register_forward_hook(lambda m, a, out: seen.append("first"))
+    layers[-1].attention.output.register_forward_hook(lambda m, a, out: seen.append("last"))
+    model.train()
+    model(**batch)
+    assert seen == ["first", "last"] and packed == []
+    model.bert.encoder.layer[-1].attention.output._forward_hooks.clear()
+    model(**batch)  # the last layer computes its first position again (on the padded layout)
+    assert seen[2:] == ["first"] and packed == [batch["input_ids"].numel()]
 
 
 def test_first_token_layer_only_for_classifiers_reading_the_first_position(tiny_bert):
