@@ -79,10 +79,6 @@ def _count_packed_layers(monkeypatch):
 @pytest.mark.parametrize("method", ["full", "lora", "prompt", "prefix"])
 def test_cpu_attention_and_first_token_layer_match_the_model(tiny_bert, method, monkeypatch):
     packed = _count_packed_layers(monkeypatch)
-    fused = []
-    real_projection = speed._fused_projection
-    monkeypatch.setattr(speed, "_fused_projection",
-                        lambda *a: fused.append(real_projection(*a) is not None) or real_projection(*a))  # fmt: skip
     tokenizer = load_tokenizer(str(tiny_bert))
     batch = tokenizer(["good movie", "the plot was very dull and the acting so bad"], padding=True,
                       return_tensors="pt")  # fmt: skip
@@ -106,8 +102,6 @@ def test_cpu_attention_and_first_token_layer_match_the_model(tiny_bert, method, 
     )  # 20 virtual tokens a row
     rows = -(-real // speed.PACK_ROWS) * speed.PACK_ROWS  # rounded up with filler rows
     assert packed == ([] if method == "prefix" else [rows] * 2 * 2)  # 2 layers x 2 training forwards
-    # plain nn.Linear projections run as one product; peft's LoRA layers one by one
-    assert fused == ([] if method == "prefix" else [method != "lora"] * 2 * 2)
     # evaluation keeps the padded layout: the model's own first layer, then the first-token layer
     reference.eval(), patched.eval()
     with torch.no_grad():

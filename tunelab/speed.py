@@ -27,10 +27,11 @@ it cheaper; none changes the saved weights or config files.
   7-14% of the tokens of length-bucketed SST-2 batches; the in-process A/B here measured
   5.6% (full) and 6.2% (LoRA) faster minilm-l6 steps with the rounding. Prefix
   tuning (a key/value cache), gradient checkpointing, hooks on the layers and left padding
-  keep the model's own path, as does evaluation. Inside a packed layer, plain query, key and
-  value projections run as one matrix product over their concatenated weights, and each
-  residual dropout is one `addcmul` (residual + x * mask * scale) instead of a dropout and
-  a sum: with the cheaper dropout mask, 3-5% faster steps (in-process A/B).
+  keep the model's own path, as does evaluation. Inside a packed layer each residual dropout
+  is one `addcmul` (residual + x * mask * scale) instead of a dropout and a sum. One matrix
+  product for the query, key and value projections (concatenated weights) was measured and
+  not kept: about 2% faster steps, but ~110 MB more peak RSS on minilm-l6 full (its new
+  matrix shapes, one per packed row count, each cost the kernel library memory).
 
 - Frozen linear layers (every method but `full`) keep a bf16 copy of their weights instead
   of having autocast cast them on every call, and peft's LoRA linear layers run as one
@@ -220,7 +221,8 @@ def _standard_layer(layer: nn.Module) -> bool:
 def _bypassed_hooks(layer: nn.Module) -> bool:
     """Hooks on the modules whose forward `_packed_layer` computes itself (it would skip them)."""
     return any(m._forward_hooks or m._forward_pre_hooks
-               for m in (layer.attention, layer.attention.output, layer.intermediate, layer.output))  # fmt: skip
+               for m in (layer.attention, layer.attention.self, layer.attention.output, layer.intermediate,
+                         layer.output))  # fmt: skip
 
 
 def _first_token_forward(
@@ -233,9 +235,8 @@ def _first_token_forward(
     **kwargs: Any,
 ) -> torch.Tensor:
     """A BERT-family layer's forward computing only the first position's output."""
-    if (
-        past_key_values is not None or encoder_hidden_states is not None or _bypassed_hooks(self)
-    ):  # prefix tuning
+    own_path = past_key_values is not None or encoder_hidden_states is not None  # prefix tuning
+    if own_path or _bypassed_hooks(self):
         return type(self).forward(self, hidden_states, attention_mask, encoder_hidden_states,
                                   encoder_attention_mask, past_key_values, **kwargs)  # fmt: skip
     batch, length, width = hidden_states.shape
@@ -273,27 +274,6 @@ def _attention_interface(attention: nn.Module) -> Any:
     return ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, default)
 
 
-def _fused_projection(attention: nn.Module, x: torch.Tensor, with_query: bool) -> torch.Tensor | None:
-    """x's keys and values (queries first if `with_query`) from one matrix product over the
-    concatenated weights; None where the projections are not plain hook-free nn.Linear layers
-    (LoRA, IA3), which then run one by one."""
-    linears = [attention.query] * with_query + [attention.key, attention.value]
-    if any(
-        type(m) is not nn.Linear or m.bias is None or m._forward_hooks or m._forward_pre_hooks
-        for m in linears
-    ):
-        return None
-    dtype = _compute_dtype(x)
-
-    def cast(m: nn.Module, name: str) -> torch.Tensor:
-        t = getattr(m, name)
-        return t.to(dtype) if t.requires_grad else _low_precision_copy(m, name, t, dtype)
-
-    weight = torch.cat([cast(m, "weight") for m in linears])
-    bias = torch.cat([cast(m, "bias") for m in linears])
-    return nn.functional.linear(x.to(dtype), weight, bias)
-
-
 def _packed_layer(layer: nn.Module, x: torch.Tensor, index: torch.Tensor | None, firsts: torch.Tensor | None,
                   shape: tuple[int, int], mask: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
     """One BERT-family layer on packed rows `x` ([real tokens, width]): only the attention
@@ -304,29 +284,28 @@ def _packed_layer(layer: nn.Module, x: torch.Tensor, index: torch.Tensor | None,
     batch, length = shape
     heads, size = attention.num_attention_heads, attention.attention_head_size
 
-    def spread(t: torch.Tensor) -> list[torch.Tensor]:
-        """packed [tokens, k x width] -> k tensors [batch, heads, length, size], zeros at padding"""
-        if index is not None:  # (the filler rows all land in one spare row at the end)
-            t = t.new_zeros(batch * length + 1, t.shape[-1]).index_copy(0, index, t)[:-1]
-        parts = t.view(batch, length, -1, heads, size)
-        return [parts[:, :, j].transpose(1, 2) for j in range(parts.shape[2])]
+    def spread(t: torch.Tensor) -> torch.Tensor:  # packed -> [batch, heads, length, size], zeros at padding
+        if index is None:
+            return t.view(batch, length, heads, size).transpose(1, 2)
+        # (the filler rows that round the packed count up all land in one spare row at the end)
+        full = t.new_zeros(batch * length + 1, t.shape[-1]).index_copy(0, index, t)
+        return full[:-1].view(batch, length, heads, size).transpose(1, 2)
 
     residual = x if firsts is None else x.index_select(0, firsts)
-    fused = _fused_projection(attention, x, firsts is None)
-    projected = spread(fused) if fused is not None else None
+    query = attention.query(residual)
     if firsts is None:
-        query = projected.pop(0) if projected else spread(attention.query(x))[0]
+        query = spread(query)
     else:
-        query = attention.query(residual).view(batch, 1, heads, size).transpose(1, 2)
+        query = query.view(batch, 1, heads, size).transpose(1, 2)
         mask = mask[:, :, :1] if mask is not None and mask.dim() == 4 else mask
-    key, value = projected or (spread(attention.key(x))[0], spread(attention.value(x))[0])
+    key, value = spread(attention.key(x)), spread(attention.value(x))
     out, _ = _attention_interface(attention)(attention, query, key, value, mask,
                                              dropout=attention.dropout.p if attention.training else 0.0,
                                              scaling=attention.scaling)  # fmt: skip
     out = out.reshape(-1, heads * size)
     if firsts is None and index is not None:
         out = torch.cat([out, out.new_zeros(1, out.shape[-1])]).index_select(0, index)
-    # the layer's own feed-forward code, with each dropout and its residual sum in one pass
+    # the attention output and feed-forward blocks, each residual dropout fused with its sum
     self_out, intermediate, output = layer.attention.output, layer.intermediate, layer.output
     h = self_out.LayerNorm(dropout_add(self_out.dense(out), residual, self_out.dropout.p, self_out.training))
     inner = intermediate.intermediate_act_fn(intermediate.dense(h))
