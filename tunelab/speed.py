@@ -69,35 +69,23 @@ def keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
 
 
 class _Masked(torch.autograd.Function):
-    """x * keep * scale, keeping only the (int16) mask for the backward pass."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.save_for_backward(keep)
-        ctx.scale = scale
-        return torch.mul(x, keep).mul_(scale)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        (keep,) = ctx.saved_tensors
-        return torch.mul(grad, keep).mul_(ctx.scale), None, None
-
-
-class _MaskedAdd(torch.autograd.Function):
-    """residual + x * keep * scale (a dropout and the residual sum in one pass)."""
+    """x * keep * scale, plus `residual` when given (a dropout and the residual sum in one
+    pass); keeps only the (int16) mask for the backward pass."""
 
     @staticmethod
     def forward(
-        ctx: Any, x: torch.Tensor, residual: torch.Tensor, keep: torch.Tensor, scale: float
+        ctx: Any, x: torch.Tensor, keep: torch.Tensor, scale: float, residual: torch.Tensor | None
     ) -> torch.Tensor:
         ctx.save_for_backward(keep)
         ctx.scale = scale
+        if residual is None:
+            return torch.mul(x, keep).mul_(scale)
         return torch.addcmul(residual, x, keep, value=scale)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         (keep,) = ctx.saved_tensors
-        return torch.mul(grad, keep).mul_(ctx.scale), grad, None, None
+        return torch.mul(grad, keep).mul_(ctx.scale), None, None, grad if ctx.needs_input_grad[3] else None
 
 
 def fast_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
@@ -108,7 +96,7 @@ def fast_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tens
     if p >= 1.0:
         return torch.zeros_like(x)
     keep, scale = keep_mask(x, p)
-    return _Masked.apply(x, keep, scale)
+    return _Masked.apply(x, keep, scale, None)
 
 
 def dropout_add(x: torch.Tensor, residual: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -118,7 +106,7 @@ def dropout_add(x: torch.Tensor, residual: torch.Tensor, p: float, training: boo
     if p >= 1.0:
         return residual + x * 0
     keep, scale = keep_mask(x, p)
-    return _MaskedAdd.apply(x, residual, keep, scale)
+    return _Masked.apply(x, keep, scale, residual)
 
 
 class FastDropout(nn.Dropout):
