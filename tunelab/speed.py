@@ -213,20 +213,25 @@ def _bypassed_hooks(layer: nn.Module) -> bool:
                          layer.output))  # fmt: skip
 
 
+def _kv_cache(kwargs: dict[str, Any]) -> Any:
+    """The key/value cache a layer or encoder was called with: `cache` since transformers
+    5.24, `past_key_values` before (both arrive as keywords and are passed on as such)."""
+    return kwargs.get("cache", kwargs.get("past_key_values"))
+
+
 def _first_token_forward(
     self: nn.Module,
     hidden_states: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     encoder_hidden_states: torch.Tensor | None = None,
     encoder_attention_mask: torch.Tensor | None = None,
-    past_key_values: Any = None,
     **kwargs: Any,
 ) -> torch.Tensor:
     """A BERT-family layer's forward computing only the first position's output."""
-    own_path = past_key_values is not None or encoder_hidden_states is not None  # prefix tuning
-    if own_path or _bypassed_hooks(self):
+    if _kv_cache(kwargs) is not None or encoder_hidden_states is not None or _bypassed_hooks(self):
+        # prefix tuning, cross-attention or hooks: the model's own code (the rest by keyword)
         return type(self).forward(self, hidden_states, attention_mask, encoder_hidden_states,
-                                  encoder_attention_mask, past_key_values, **kwargs)  # fmt: skip
+                                  encoder_attention_mask, **kwargs)  # fmt: skip
     batch, length, width = hidden_states.shape
     firsts = torch.arange(batch, device=hidden_states.device) * length  # each row's position 0
     out = _packed_layer(self, hidden_states.reshape(-1, width), None, firsts, (batch, length), attention_mask)
@@ -325,22 +330,12 @@ def _packed_encoder_forward(
     attention_mask: torch.Tensor | None = None,
     encoder_hidden_states: torch.Tensor | None = None,
     encoder_attention_mask: torch.Tensor | None = None,
-    past_key_values: Any = None,
-    use_cache: bool | None = None,
     **kwargs: Any,
 ) -> Any:
     """A BERT-family encoder's forward with padding left out of every per-token operation."""
-    args = (
-        hidden_states,
-        attention_mask,
-        encoder_hidden_states,
-        encoder_attention_mask,
-        past_key_values,
-        use_cache,
-    )
-    if not _packable(
-        self, hidden_states, attention_mask, [encoder_hidden_states, past_key_values, use_cache]
-    ):
+    args = (hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask)
+    others = [encoder_hidden_states, _kv_cache(kwargs), kwargs.get("use_cache")]
+    if not _packable(self, hidden_states, attention_mask, others):
         return type(self).forward(self, *args, **kwargs)
     batch, length, width = hidden_states.shape
     row = attention_mask[:, 0, 0, :]
