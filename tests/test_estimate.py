@@ -15,7 +15,7 @@ import pytest
 
 import tunelab
 from tunelab.cli import main
-from tunelab.estimate import Step, fit_line, probe_rows
+from tunelab.estimate import Step, fit_line, memory_steps, probe_rows
 
 from .conftest import FILLER, NEGATIVE, POSITIVE, write_csv, write_tiny_llama, write_tiny_seq2seq
 
@@ -85,8 +85,9 @@ def test_predictions_are_close_to_a_real_epoch(estimated, measured):
         print(f"{method}: epoch predicted {row['epoch_s']:.3f} s, measured {epoch_s:.3f} s; peak RSS predicted "
               f"{row['peak_rss_mb']:.0f} MB, measured {train['peak_rss_mb']:.0f} MB")  # fmt: skip
         assert 0.33 <= row["epoch_s"] / epoch_s <= 3, (method, row["epoch_s"], epoch_s)
-        assert 0.5 <= row["peak_rss_mb"] / train["peak_rss_mb"] <= 2, (method, row, train["peak_rss_mb"])
+        assert 0.8 <= row["peak_rss_mb"] / train["peak_rss_mb"] <= 1.25, (method, row, train["peak_rss_mb"])
         assert row["eval_s"] > 0 and row["timed_steps"] == 10
+        assert row["memory_steps"] > 0 and row["new_shapes_mb"] >= 0, "the epoch's other shapes were run"
 
 
 def test_freeze_cache_pass_is_predicted_from_a_sample(setting):
@@ -209,3 +210,18 @@ def test_fit_line_and_probe_rows():
     plan = [Step([i], tokens, [(1, tokens)]) for i, tokens in enumerate([5, 50, 20, 80, 10])]
     assert probe_rows(plan, 3) == [0, 2, 3]  # the shortest, the middle, the longest
     assert probe_rows(plan, 9) == [0, 1, 2, 3, 4]
+
+
+def test_memory_steps_bring_the_shapes_the_probe_did_not_see():
+    # (rows, padded length) per step; real tokens decide the packed encoder's row count (64s)
+    plan = [Step([0], 64, [(2, 32)], [60]), Step([1], 64, [(2, 32)], [64]), Step([2], 64, [(2, 32)], [100]),
+            Step([3], 80, [(2, 40)], [70]), Step([4], 80, [(2, 40)], [80]), Step([5], 200, [(2, 100)], [190])]  # fmt: skip
+    assert plan[0].keys(packed=False) == {(2, 32)} and plan[2].keys(packed=True) == {(2, 32, 2)}
+    # unpacked, steps 1 and 2 repeat the probed shape and step 4 repeats step 3's
+    assert memory_steps(plan, [0], packed=False, budget=1000) == {"rows": [3, 5], "steps": 2, "tokens": 280,
+                                                                   "rest_tokens": 0}  # fmt: skip
+    # packed, step 2 needs 2 x 64 rows where step 0 needed one: a new shape
+    assert memory_steps(plan, [0], packed=True, budget=1000)["rows"] == [2, 3, 5]
+    # over the budget, a step's shape counts as seen and its tokens go to the extrapolated rest
+    assert memory_steps(plan, [0], packed=True, budget=150) == {"rows": [2, 3], "steps": 2, "tokens": 144,
+                                                                 "rest_tokens": 200}  # fmt: skip

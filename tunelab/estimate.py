@@ -12,9 +12,15 @@ are warm-up; the repeated steps fit `time = a + b * padded tokens`, and the step
 shape is new give the one-time cost of a new shape (kernel set-up, large for small models).
 The epoch is the sum of the line over the plan's steps, plus that cost per distinct batch
 shape in the plan, plus the warm-up's extra time, plus `freeze`'s one-time cache pass (timed
-on a sample of up to 1024 training rows and scaled by padded tokens). Peak memory is the child's `ru_maxrss` at
-the end; the time of a whole validation pass is the probe's pass scaled by token count
-(approximate).
+on a sample of up to 1024 training rows and scaled by padded tokens). Peak memory is the child's `ru_maxrss`
+after those steps plus what the epoch's other batch shapes keep: every distinct matrix shape
+leaves memory behind in the kernel library's primitive cache and the allocator, which a real
+epoch accumulates and the few probe steps do not. So the child then runs, once each, the
+plan's steps that bring shapes the probe did not see (at most as many padded tokens as the
+probe's two passes),
+measures how much memory stays allocated after them (glibc's `mallinfo2`), and scales that by
+tokens to the shapes left over. The time of a whole validation pass is the probe's pass scaled
+by token count (approximate).
 
 Why it is written by hand: no library estimates fine-tuning time and memory for a given
 model, method, data and CPU, and FLOP or byte counts miss what dominates on a CPU (kernel
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import json
 import os
 import random
@@ -44,6 +51,7 @@ from tunelab.config import Config, batch_size
 from tunelab.errors import ConfigError, TunelabError
 
 WARMUP_STEPS = 2  # run but left out of the fit: first-use allocations and set-up
+MEMORY_BUDGET = 2.0  # memory steps: up to this many times the padded tokens of the probe's steps
 CACHE_SAMPLE_ROWS = 1024  # freeze: training rows whose cache pass is timed, to scale to all
 
 
@@ -54,6 +62,16 @@ class Step:
     rows: list[int]  # training rows, all micro-batches of the step
     tokens: int  # padded tokens the model processes in it
     shapes: list[tuple[int, ...]]  # the shape of each micro-batch
+    real: list[int] = field(default_factory=list)  # the real (unpadded) tokens of each micro-batch
+
+    def keys(self, packed: bool) -> set[tuple[int, ...]]:
+        """The matrix shapes this step brings, one key per micro-batch: its batch shape, and
+        under the packed encoder also its packed row count."""
+        from tunelab.speed import PACK_ROWS
+
+        if not packed:
+            return set(self.shapes)
+        return {(*shape, -(-real // PACK_ROWS)) for shape, real in zip(self.shapes, self.real)}
 
 
 @dataclass
@@ -75,6 +93,8 @@ class MethodEstimate:
     step_per_token_s: float | None = None
     new_shape_s: float | None = None  # one-time extra for each new batch shape
     timed_steps: int = 0  # probe steps after the warm-up
+    memory_steps: int = 0  # further steps run once each, for the memory of the epoch's other shapes
+    new_shapes_mb: float = 0.0  # memory those shapes keep (the memory steps', the rest extrapolated)
     probe_s: float | None = None  # wall time of the probe process
     skipped: str | None = None
 
@@ -109,8 +129,10 @@ class Estimate:
                 f"shape ({self.batch_shapes} in the epoch)"
                 + ("; freeze: its one-time cache pass, timed on a sample of the rows and scaled by tokens"
                    if any(m.method == "freeze" and m.setup_s for m in self.methods) else "")
-                + "; peak RSS of each method's own process, a validation "
-                "pass on the longest rows included; eval pass scaled from those rows by tokens (approximate)")  # fmt: skip
+                + "; peak RSS of each method's own process, a validation pass on the longest rows included, "
+                "plus the memory that the epoch's other batch shapes keep (one step of each run after the probe, "
+                "at most as many padded tokens as its two passes, the rest scaled by tokens); eval pass scaled from those rows by "
+                "tokens (approximate)")  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "basis": self.basis}
@@ -181,21 +203,48 @@ def epoch_plan(train: list[dict[str, Any]], config: Config, multiple: int = 1) -
     steps = []
     for group in groups:
         shapes = [batch_shape([train[i] for i in b], decoder, multiple) for b in group]
-        steps.append(Step([i for b in group for i in b], sum(map(padded_tokens, shapes)), shapes))
+        real = [sum(len(train[i]["input_ids"]) for i in b) for b in group]
+        steps.append(Step([i for b in group for i in b], sum(map(padded_tokens, shapes)), shapes, real))
     return steps
 
 
-def probe_rows(plan: list[Step], count: int) -> list[int]:
-    """Training rows for `count` probe steps: the plan's steps at evenly spaced ranks of size,
-    from the smallest to the longest (its memory peak), so the timing sees the whole range.
-    A plan of `count` steps or fewer is used whole."""
+def probe_steps(plan: list[Step], count: int) -> list[int]:
+    """The plan's steps (indices) that `count` probe steps run: those at evenly spaced ranks of
+    size, from the smallest to the longest (its memory peak), so the timing sees the whole
+    range. A plan of `count` steps or fewer is used whole."""
     if len(plan) <= count:
-        return [i for step in plan for i in step.rows]
+        return list(range(len(plan)))
     by_size = sorted(range(len(plan)), key=lambda s: plan[s].tokens)
     if count == 1:
-        return list(plan[by_size[-1]].rows)
-    picks = [by_size[round(q * (len(plan) - 1) / (count - 1))] for q in range(count)]
-    return [i for s in picks for i in plan[s].rows]
+        return [by_size[-1]]
+    return [by_size[round(q * (len(plan) - 1) / (count - 1))] for q in range(count)]
+
+
+def probe_rows(plan: list[Step], count: int) -> list[int]:
+    """The training rows of `probe_steps`."""
+    return [i for s in probe_steps(plan, count) for i in plan[s].rows]
+
+
+def memory_steps(plan: list[Step], probed: list[int], packed: bool, budget: float) -> dict[str, Any]:
+    """Steps that bring the matrix shapes the probe's steps do not: in the plan's order, each
+    step with a shape not seen before, as long as their padded tokens stay within `budget`.
+    Every distinct shape costs the kernel library and the allocator memory that a real epoch
+    keeps, so the probe runs these once; the growth of the shapes beyond the budget is
+    extrapolated by their tokens. Returns {"rows", "steps", "tokens", "rest_tokens"}."""
+    seen = set().union(*(plan[s].keys(packed) for s in probed))
+    rows: list[int] = []
+    steps = tokens = rest = 0
+    for step in plan:
+        keys = step.keys(packed)
+        if keys <= seen:
+            continue
+        seen |= keys
+        if tokens + step.tokens <= budget:
+            rows += step.rows
+            steps, tokens = steps + 1, tokens + step.tokens
+        else:
+            rest += step.tokens
+    return {"rows": rows, "steps": steps, "tokens": tokens, "rest_tokens": rest}
 
 
 def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
@@ -252,9 +301,9 @@ def time_cache_pass(model: Any, train: list[dict[str, Any]], task: Any, pad_id: 
 
 
 def probe(spec: dict[str, Any]) -> dict[str, Any]:
-    """In the child process: build the method's model, run the probe steps through `fit`, and
-    return each step's (padded tokens, seconds, new batch shapes), the eval pass time and the
-    peak memory."""
+    """In the child process: build the method's model, run the probe steps through `fit`, then
+    the memory steps (`memory_steps`), and return each probe step's (padded tokens, seconds, new
+    batch shapes), the eval pass time, the peak memory and the memory steps' growth."""
     import torch
     import tqdm.auto  # noqa: F401  (the loop imports it before its clock starts; so do we)
 
@@ -304,16 +353,38 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
         cache_s = time_cache_pass(model, splits.train, task, tokenizer.pad_token_id, config, device)
         if cache_s is None:  # no cache for the whole set: none for the probe's few rows either
             speed.FrozenCache.build = classmethod(lambda cls, *args, **kwargs: None)
+    # a full garbage collection now, not inside a timed step: set-up leaves hundreds of thousands
+    # of Python objects, and one automatic pass over them takes 0.1-0.3 s (in training, these
+    # passes come before the loop starts)
+    gc.collect()
     began = time.perf_counter()
     result = fit(model, task, [splits.train[i] for i in spec["rows"]], validation, probe_config, lr,
                  tokenizer.pad_token_id, log, device)  # fmt: skip
     starts = [began] + [t for t, _, _ in marks[:-1]]
+    steps = [[tokens, t - start, new] for (t, tokens, new), start in zip(marks, starts)]
+    # then one step of each batch shape the epoch has and the probe did not (their memory)
+    task.collate = collate
+    memory = spec["memory"]["packed" if speed.packs(model) else "plain"]
+    before, before_peak, memory_cache_mb = allocated_mb(), peak_rss_mb(), 0.0
+    if memory["steps"]:
+        tc.max_steps = memory["steps"]
+        done = fit(model, task, [splits.train[i] for i in memory["rows"]], [], probe_config, lr,
+                   tokenizer.pad_token_id, lambda entry: None, device)  # fmt: skip
+        memory_cache_mb = done.cache_mb
+    after = allocated_mb()
+    growth = after - before if after is not None and before is not None else peak_rss_mb() - before_peak
     return {
-        "steps": [[tokens, t - start, new] for (t, tokens, new), start in zip(marks, starts)],
+        "steps": steps,
         "eval_s": result.eval_s,
         "setup_s": result.setup_s,
         "cache_s": cache_s,
         "cache_mb": result.cache_mb,
+        "memory_steps": memory["steps"],
+        "memory_tokens": memory["tokens"],
+        "memory_rest_tokens": memory["rest_tokens"],
+        "memory_growth_mb": growth,
+        "probe_peak_rss_mb": before_peak,
+        "memory_cache_mb": memory_cache_mb,
         "probe_rows": len(spec["rows"]),
         "train_rows": spec["train_rows"],
         "trainable_params": trainable,
@@ -321,6 +392,25 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
         "peak_rss_mb": peak_rss_mb(),
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
     }
+
+
+def allocated_mb() -> float | None:
+    """Memory that malloc has handed out and not yet been given back (glibc's `mallinfo2`: heap
+    and mmapped blocks, every arena), in MB; None where the C library does not say."""
+    import ctypes
+    import ctypes.util
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                          "fsmblks", "uordblks", "fordblks", "keepcost")]  # fmt: skip
+
+    try:
+        mallinfo2 = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = MallInfo2
+    info = mallinfo2()
+    return (info.uordblks + info.hblkhd) / 2**20
 
 
 def run_probe(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
@@ -400,16 +490,18 @@ def estimate(
     validation = validation[: config.train.eval_batch_size]  # the longest rows: the pass's memory peak
     eval_scale = sum(row_tokens(e, decoder) for e in splits.validation) / max(
         1, sum(row_tokens(splits.validation[i], decoder) for i in validation))  # fmt: skip
-    probe_steps = min(steps, len(plan))
+    probed = probe_steps(plan, steps)
     result = Estimate(model=config.model, task=config.task, method=config.method, device=str(device),
                       threads=config.train.num_threads or torch.get_num_threads(),
                       precision=str(dtype).replace("torch.", "") if dtype else "fp32", train_rows=len(splits.train), validation_rows=len(splits.validation),
                       batch_size=batch_size(config), gradient_accumulation=config.train.gradient_accumulation,
                       steps_per_epoch=len(plan), batch_shapes=len({b for s in plan for b in s.shapes}),
-                      longest_step_tokens=max(s.tokens for s in plan), probe_steps=probe_steps,
-                      warmup_steps=min(WARMUP_STEPS, 2 * probe_steps - 1))  # fmt: skip
-    spec = {"rows": probe_rows(plan, steps), "validation_rows": validation, "train_rows": len(splits.train),
-            "steps": 2 * probe_steps}  # fmt: skip
+                      longest_step_tokens=max(s.tokens for s in plan), probe_steps=len(probed),
+                      warmup_steps=min(WARMUP_STEPS, 2 * len(probed) - 1))  # fmt: skip
+    budget = MEMORY_BUDGET * sum(plan[s].tokens for s in probed)
+    spec = {"rows": [i for s in probed for i in plan[s].rows], "validation_rows": validation,
+            "train_rows": len(splits.train), "steps": 2 * len(probed),
+            "memory": {kind: memory_steps(plan, probed, kind == "packed", budget) for kind in ("packed", "plain")}}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="tunelab-estimate-") as tmp:
         for k, method in enumerate(order):
             say(f"estimate: {method} ({k + 1}/{len(order)}): {spec['steps']} steps in a fresh process")
@@ -457,7 +549,19 @@ def predict(row: MethodEstimate, outcome: dict[str, Any], plan: list[Step], eval
     row.timed_steps = len(timed)
     row.eval_s = outcome["eval_s"] * eval_scale
     row.trainable_params, row.total_params = outcome["trainable_params"], outcome["total_params"]
-    row.peak_rss_mb = outcome["peak_rss_mb"] + outcome.get("cache_mb", 0.0) * scale
+    # the memory that the epoch's other batch shapes keep: what the memory steps left allocated,
+    # scaled up by tokens to the shapes beyond their budget; it adds to the probe's peak
+    tokens, rest = outcome.get("memory_tokens", 0), outcome.get("memory_rest_tokens", 0)
+    row.memory_steps = outcome.get("memory_steps", 0)
+    row.new_shapes_mb = (
+        max(0.0, outcome.get("memory_growth_mb", 0.0)) * (tokens + rest) / tokens if tokens else 0.0
+    )
+    # freeze: the whole training set's cache in place of the probe's own (scaled by rows)
+    cache, memory_cache = outcome.get("cache_mb", 0.0), outcome.get("memory_cache_mb", 0.0)
+    probe_peak = outcome.get("probe_peak_rss_mb", outcome["peak_rss_mb"])
+    row.peak_rss_mb = max(
+        probe_peak - cache + row.new_shapes_mb, outcome["peak_rss_mb"] - memory_cache
+    ) + cache * (scale + 1)
     row.peak_gpu_mb = outcome["peak_gpu_mb"]
     row.probe_s = outcome["probe_s"]
 

@@ -388,6 +388,13 @@ def packed_encoder(model: nn.Module) -> nn.Module | None:
     return encoder
 
 
+def packs(model: nn.Module) -> bool:
+    """Whether `packed_encoder` has patched this model's encoder."""
+    return any(
+        getattr(vars(m).get("forward"), "__func__", None) is _packed_encoder_forward for m in model.modules()
+    )
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     kind = x.device.type
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
