@@ -15,7 +15,7 @@ import pytest
 
 import tunelab
 from tunelab.cli import main
-from tunelab.estimate import Step, fit_line, memory_steps, probe_rows
+from tunelab.estimate import MethodEstimate, Step, fit_line, memory_steps, predict, probe_rows
 
 from .conftest import FILLER, NEGATIVE, POSITIVE, write_csv, write_tiny_llama, write_tiny_seq2seq
 
@@ -225,3 +225,24 @@ def test_memory_steps_bring_the_shapes_the_probe_did_not_see():
     # over the budget, a step's shape counts as seen and its tokens go to the extrapolated rest
     assert memory_steps(plan, [0], packed=True, budget=150) == {"rows": [2, 3], "steps": 2, "tokens": 144,
                                                                  "rest_tokens": 200}  # fmt: skip
+
+
+def test_new_shapes_cost_what_the_memory_steps_show_and_the_first_pass_counts_once():
+    """Line 0.01 s + 1 ms/token; new shapes cost 0.05 s on the memory steps; the probe's first
+    pass took 1.2 s more than the line (warm-up, the first touch of the largest batch's memory)."""
+    plan = [Step([i], tokens, [(1, tokens)], [tokens]) for i, tokens in enumerate([100, 200, 300, 400])]
+    outcome = {"steps": [[100, 0.31, 1], [400, 1.41, 1], [100, 0.11, 0], [400, 0.41, 0]],
+               "memory_step_times": [[200, 0.71, 1], [200, 0.26, 1], [300, 0.36, 1]],  # the first starts its loop
+               "setup_s": 0.0, "cache_s": None, "eval_s": 0.1, "trainable_params": 1, "total_params": 2,
+               "peak_rss_mb": 500.0, "peak_gpu_mb": None, "probe_s": 1.0, "train_rows": 4, "probe_rows": 2,
+               "memory_steps": 3, "memory_tokens": 700, "memory_rest_tokens": 0, "memory_growth_mb": 30.0}  # fmt: skip
+    row = MethodEstimate("lora", True, len(plan))
+    predict(row, outcome, plan, eval_scale=1.0)
+    assert (row.step_intercept_s, row.step_per_token_s) == pytest.approx((0.01, 0.001))
+    assert row.new_shape_s == pytest.approx(0.05) and row.shapes == 4
+    assert row.warmup_s == pytest.approx(1.2 - 2 * 0.05)  # once, less the two shapes it brought
+    assert row.epoch_s == pytest.approx(1.04 + 4 * 0.05 + 1.1)
+    assert row.peak_rss_mb == pytest.approx(530.0)
+    # without memory steps, the first pass's fresh steps give the new-shape cost, as before
+    predict(row, {**outcome, "memory_step_times": []}, plan, eval_scale=1.0)
+    assert row.new_shape_s == pytest.approx(0.0) and row.warmup_s == pytest.approx(1.2)

@@ -7,20 +7,28 @@ built with the loop's own `length_batches`. Then, per method, a child process (s
 peak RSS is its own) loads the same data, builds the model with `run.build_model` and trains
 through `loop.fit` on a few of the plan's steps, spread evenly over its sizes up to the
 longest (the memory peak), each run twice. As in training, `fit` ends with a validation
-pass, here on the longest validation rows at `train.eval_batch_size`. The first two steps
-are warm-up; the repeated steps fit `time = a + b * padded tokens`, and the steps whose batch
-shape is new give the one-time cost of a new shape (kernel set-up, large for small models).
-The epoch is the sum of the line over the plan's steps, plus that cost per distinct batch
-shape in the plan, plus the warm-up's extra time, plus `freeze`'s one-time cache pass (timed
-on a sample of up to 1024 training rows and scaled by padded tokens). Peak memory is the child's `ru_maxrss`
-after those steps plus what the epoch's other batch shapes keep: every distinct matrix shape
-leaves memory behind in the kernel library's primitive cache and the allocator, which a real
-epoch accumulates and the few probe steps do not. So the child then runs, once each, the
-plan's steps that bring shapes the probe did not see (at most as many padded tokens as the
-probe's two passes),
-measures how much memory stays allocated after them (glibc's `mallinfo2`), and scales that by
-tokens to the shapes left over. The time of a whole validation pass is the probe's pass scaled
-by token count (approximate).
+pass, here on the longest validation rows at `train.eval_batch_size`. Then the child runs,
+once each, the plan's steps that bring the matrix shapes the probe did not see (batch shapes,
+and under the packed encoder its row counts; at most as many padded tokens as the probe's two
+passes): the memory steps.
+
+Time: the first two steps are warm-up; the repeated steps fit `time = a + b * padded tokens`.
+The memory steps' time over that line is the one-time cost of a new shape (kernel set-up)
+in a process already under way, and what the probe's first pass took beyond the line and
+that cost is counted once (the warm-up, and the first touch of the memory the largest batch
+needs: taken for a per-shape cost, that first touch made SmolLM2 SFT estimates 12-20% high
+in three of four benchmark runs). The epoch is
+the sum of the line over the plan's steps, plus the per-shape cost for each of its distinct
+shapes, plus that once-only time, plus `freeze`'s one-time cache pass (timed on a sample of
+up to 1024 training rows and scaled by padded tokens). Without memory steps (a plan the probe
+covers), the new-shape cost comes from the probe's own first pass.
+
+Memory: the child's `ru_maxrss` after the probe's steps plus what the epoch's other shapes
+keep. Every distinct matrix shape leaves memory behind in the kernel library's primitive
+cache and the allocator, which a real epoch accumulates and the few probe steps do not; the
+memory steps measure it (what stays allocated after them, from glibc's `mallinfo2`), scaled
+by tokens to the shapes beyond their budget. The time of a whole validation pass is the
+probe's pass scaled by token count (approximate).
 
 Why it is written by hand: no library estimates fine-tuning time and memory for a given
 model, method, data and CPU, and FLOP or byte counts miss what dominates on a CPU (kernel
@@ -37,6 +45,7 @@ import gc
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -87,11 +96,12 @@ class MethodEstimate:
     eval_s: float | None = None  # one validation pass (approximate)
     peak_rss_mb: float | None = None
     peak_gpu_mb: float | None = None
-    warmup_s: float | None = None  # extra time of the warm-up steps, included in epoch_s
+    warmup_s: float | None = None  # one-time extra of the first steps, included in epoch_s
     setup_s: float | None = None  # one-time set-up (freeze's layer cache), included in epoch_s
     step_intercept_s: float | None = None  # step time = intercept + per_token * padded tokens
     step_per_token_s: float | None = None
-    new_shape_s: float | None = None  # one-time extra for each new batch shape
+    new_shape_s: float | None = None  # one-time extra for each new matrix shape
+    shapes: int = 0  # the matrix shapes of the epoch (batch shapes; packed row counts too)
     timed_steps: int = 0  # probe steps after the warm-up
     memory_steps: int = 0  # further steps run once each, for the memory of the epoch's other shapes
     new_shapes_mb: float = 0.0  # memory those shapes keep (the memory steps', the rest extrapolated)
@@ -124,15 +134,17 @@ class Estimate:
     def basis(self) -> str:
         return (f"per method, {self.probe_steps} of the epoch's steps (shortest to longest, "
                 f"{self.longest_step_tokens:,} padded tokens) run twice each through the training loop on this "
-                f"machine, the first {self.warmup_steps} as warm-up; time per step = a + b x padded tokens, "
-                f"summed over the epoch's {self.steps_per_epoch} steps, plus a one-time cost per new batch "
-                f"shape ({self.batch_shapes} in the epoch)"
+                f"machine, the first {self.warmup_steps} as warm-up, then once each the steps that bring the "
+                f"epoch's other batch shapes (memory steps, at most as many padded tokens as the two passes); "
+                f"time per step = a + b x padded tokens, fitted on the repeats and summed over the epoch's "
+                f"{self.steps_per_epoch} steps, plus a one-time cost per matrix shape ({self.batch_shapes} batch "
+                f"shapes in the epoch, and the packed encoder's row counts) timed on the memory steps, plus what "
+                f"the first pass took beyond that (warm-up, first touch of the peak memory)"
                 + ("; freeze: its one-time cache pass, timed on a sample of the rows and scaled by tokens"
                    if any(m.method == "freeze" and m.setup_s for m in self.methods) else "")
                 + "; peak RSS of each method's own process, a validation pass on the longest rows included, "
-                "plus the memory that the epoch's other batch shapes keep (one step of each run after the probe, "
-                "at most as many padded tokens as its two passes, the rest scaled by tokens); eval pass scaled from those rows by "
-                "tokens (approximate)")  # fmt: skip
+                "plus the memory the memory steps left allocated, scaled by tokens to the shapes beyond their "
+                "budget; eval pass scaled from those rows by tokens (approximate)")  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "basis": self.basis}
@@ -341,6 +353,11 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
             marks.append((time.perf_counter(), sum(map(padded_tokens, pending)), new))
             pending.clear()
 
+    def timed(began: float) -> list[list[float]]:
+        """The steps logged since `began`, as [padded tokens, seconds, new shapes]."""
+        starts = [began] + [t for t, _, _ in marks[:-1]]
+        return [[tokens, t - start, new] for (t, tokens, new), start in zip(marks, starts)]
+
     task.collate = recording_collate
     probe_config = copy.deepcopy(config)
     tc = probe_config.train
@@ -360,17 +377,19 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
     began = time.perf_counter()
     result = fit(model, task, [splits.train[i] for i in spec["rows"]], validation, probe_config, lr,
                  tokenizer.pad_token_id, log, device)  # fmt: skip
-    starts = [began] + [t for t, _, _ in marks[:-1]]
-    steps = [[tokens, t - start, new] for (t, tokens, new), start in zip(marks, starts)]
+    steps = timed(began)
     # then one step of each batch shape the epoch has and the probe did not (their memory)
-    task.collate = collate
     memory = spec["memory"]["packed" if speed.packs(model) else "plain"]
     before, before_peak, memory_cache_mb = allocated_mb(), peak_rss_mb(), 0.0
+    marks.clear()
+    pending.clear()  # the validation pass's batches
     if memory["steps"]:
         tc.max_steps = memory["steps"]
+        began = time.perf_counter()
         done = fit(model, task, [splits.train[i] for i in memory["rows"]], [], probe_config, lr,
-                   tokenizer.pad_token_id, lambda entry: None, device)  # fmt: skip
+                   tokenizer.pad_token_id, log, device)  # fmt: skip
         memory_cache_mb = done.cache_mb
+    task.collate = collate
     after = allocated_mb()
     growth = after - before if after is not None and before is not None else peak_rss_mb() - before_peak
     return {
@@ -379,7 +398,9 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
         "setup_s": result.setup_s,
         "cache_s": cache_s,
         "cache_mb": result.cache_mb,
+        "packed": speed.packs(model),
         "memory_steps": memory["steps"],
+        "memory_step_times": timed(began) if memory["steps"] else [],
         "memory_tokens": memory["tokens"],
         "memory_rest_tokens": memory["rest_tokens"],
         "memory_growth_mb": growth,
@@ -534,13 +555,25 @@ def predict(row: MethodEstimate, outcome: dict[str, Any], plan: list[Step], eval
     if len(repeated) < 2:  # no repeats to separate the new-shape cost from: fit them all
         repeated = timed
     a, b = fit_line([float(x) for x, _, _ in repeated], [t for _, t, _ in repeated])
-    fresh = [m for m in timed if m[2]] if repeated is not timed else []
-    new_shape = max(0.0, sum(t - a - b * x for x, t, _ in fresh) / max(1, sum(n for _, _, n in fresh)))
     # the probe's own one-time set-up (freeze's cache of its few rows) ran inside its first step
     probe_setup = outcome.get("setup_s", 0.0)
-    warmup = max(0.0, sum(t - a - b * x - new_shape * n for x, t, n in measured[:warm]) - probe_setup)
-    shapes = len({shape for step in plan for shape in step.shapes})
+    later = outcome.get("memory_step_times", [])[1:]  # the first memory step also starts its loop
+    if len(later) >= 2:
+        # each memory step brings a matrix shape the probe did not run (one, nearly always):
+        # its time over the line is what a new shape costs in a process already under way
+        new_shape = max(0.0, statistics.fmean(t - a - b * x for x, t, _ in later))
+        shapes = len({key for step in plan for key in step.keys(outcome.get("packed", False))})
+        # what the probe's first pass took beyond the line and its shapes happens once a run:
+        # the warm-up, and the first touch of the memory that the largest batch needs
+        first = measured[: max(1, len(measured) // 2)]
+        warmup = max(0.0, sum(t - a - b * x for x, t, _ in first) - new_shape * len(first) - probe_setup)
+    else:  # no memory steps: the new shapes' cost from the probe's own first pass
+        fresh = [m for m in timed if m[2]] if repeated is not timed else []
+        new_shape = max(0.0, sum(t - a - b * x for x, t, _ in fresh) / max(1, sum(n for _, _, n in fresh)))
+        warmup = max(0.0, sum(t - a - b * x - new_shape * n for x, t, n in measured[:warm]) - probe_setup)
+        shapes = len({shape for step in plan for shape in step.shapes})
     row.step_intercept_s, row.step_per_token_s, row.new_shape_s, row.warmup_s = a, b, new_shape, warmup
+    row.shapes = shapes
     # set-up that grows with the training rows: the cache pass timed on a sample and scaled
     # (`time_cache_pass`), else the probe's own scaled by rows
     scale = outcome.get("train_rows", 1) / max(1, outcome.get("probe_rows", 1)) - 1
