@@ -12,16 +12,16 @@ once each, the plan's steps that bring the matrix shapes the probe did not see (
 and under the packed encoder its row counts; at most as many padded tokens as the probe's two
 passes): the memory steps.
 
-Time: the first two steps are warm-up; the repeated steps fit `time = a + b * padded tokens`.
-The memory steps' time over that line is the one-time cost of a new shape (kernel set-up)
-in a process already under way, and what the probe's first pass took beyond the line and
-that cost is counted once (the warm-up, and the first touch of the memory the largest batch
-needs: taken for a per-shape cost, that first touch made SmolLM2 SFT estimates 12-20% high
-in three of four benchmark runs). The epoch is
-the sum of the line over the plan's steps, plus the per-shape cost for each of its distinct
-shapes, plus that once-only time, plus `freeze`'s one-time cache pass (timed on a sample of
-up to 1024 training rows and scaled by padded tokens). Without memory steps (a plan the probe
-covers), the new-shape cost comes from the probe's own first pass.
+Time: the first two steps are warm-up; the repeated steps fit
+`time = a + b * padded tokens`. The memory steps' time over that line is the one-time cost of a new shape (kernel
+set-up) in a process already under way, and what the probe's first pass took beyond the line
+and that cost is counted once (the warm-up, and the first touch of the memory the largest
+batch needs: taken for a per-shape cost, that first touch made SmolLM2 SFT estimates 12-20%
+high in three of four benchmark runs). The epoch is the sum of the line over the plan's
+steps, plus the per-shape cost for each of its distinct shapes, plus that once-only time,
+plus `freeze`'s one-time cache pass (timed on a sample of up to 1024 training rows and
+scaled by padded tokens). Without memory steps (a plan the probe covers), the new-shape cost
+comes from the probe's own first pass.
 
 Memory: the child's `ru_maxrss` after the probe's steps plus what the epoch's other shapes
 keep. Every distinct matrix shape leaves memory behind in the kernel library's primitive
