@@ -87,7 +87,7 @@ def test_predictions_are_close_to_a_real_epoch(estimated, measured):
         assert 0.33 <= row["epoch_s"] / epoch_s <= 3, (method, row["epoch_s"], epoch_s)
         assert 0.8 <= row["peak_rss_mb"] / train["peak_rss_mb"] <= 1.25, (method, row, train["peak_rss_mb"])
         assert row["eval_s"] > 0 and row["timed_steps"] == 10
-        assert row["memory_steps"] > 0 and row["new_shapes_mb"] >= 0, "the epoch's other shapes were run"
+        assert row["memory_steps"] > 0, "the epoch's other shapes were run"
 
 
 def test_freeze_cache_pass_is_predicted_from_a_sample(setting):

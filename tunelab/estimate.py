@@ -16,12 +16,13 @@ Time: the first two steps are warm-up; the repeated steps fit
 `time = a + b * padded tokens`. The memory steps' time over that line is the one-time cost of a new shape (kernel
 set-up) in a process already under way, and what the probe's first pass took beyond the line
 and that cost is counted once (the warm-up, and the first touch of the memory the largest
-batch needs: taken for a per-shape cost, that first touch made SmolLM2 SFT estimates 12-20%
-high in three of four benchmark runs). The epoch is the sum of the line over the plan's
-steps, plus the per-shape cost for each of its distinct shapes, plus that once-only time,
-plus `freeze`'s one-time cache pass (timed on a sample of up to 1024 training rows and
-scaled by padded tokens). Without memory steps (a plan the probe covers), the new-shape cost
-comes from the probe's own first pass.
+batch needs: SmolLM2 SFT estimates had been 12-20% high in three of four benchmark runs
+while it was charged to every shape; in one probe the largest step's first run was 1.3 s
+over the line, and each of the epoch's 37 shapes was charged 0.25 s). The epoch is the sum
+of the line over the plan's steps, plus the per-shape cost for each of its distinct shapes,
+plus that once-only time, plus `freeze`'s one-time cache pass (timed on a sample of up to
+1024 training rows and scaled by padded tokens). Without memory steps (a plan the probe
+covers), the new-shape cost comes from the probe's own first pass.
 
 Memory: the child's `ru_maxrss` after the probe's steps plus what the epoch's other shapes
 keep. Every distinct matrix shape leaves memory behind in the kernel library's primitive
@@ -379,7 +380,8 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
                  tokenizer.pad_token_id, log, device)  # fmt: skip
     steps = timed(began)
     # then one step of each batch shape the epoch has and the probe did not (their memory)
-    memory = spec["memory"]["packed" if speed.packs(model) else "plain"]
+    packed = speed.packs(model)
+    memory = spec["memory"]["packed" if packed else "plain"]
     before, before_peak, memory_cache_mb = allocated_mb(), peak_rss_mb(), 0.0
     marks.clear()
     pending.clear()  # the validation pass's batches
@@ -398,7 +400,7 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
         "setup_s": result.setup_s,
         "cache_s": cache_s,
         "cache_mb": result.cache_mb,
-        "packed": speed.packs(model),
+        "packed": packed,
         "memory_steps": memory["steps"],
         "memory_step_times": timed(began) if memory["steps"] else [],
         "memory_tokens": memory["tokens"],
@@ -520,7 +522,7 @@ def estimate(
                       longest_step_tokens=max(s.tokens for s in plan), probe_steps=len(probed),
                       warmup_steps=min(WARMUP_STEPS, 2 * len(probed) - 1))  # fmt: skip
     budget = MEMORY_BUDGET * sum(plan[s].tokens for s in probed)
-    spec = {"rows": [i for s in probed for i in plan[s].rows], "validation_rows": validation,
+    spec = {"rows": probe_rows(plan, steps), "validation_rows": validation,
             "train_rows": len(splits.train), "steps": 2 * len(probed),
             "memory": {kind: memory_steps(plan, probed, kind == "packed", budget) for kind in ("packed", "plain")}}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="tunelab-estimate-") as tmp:
