@@ -6,12 +6,13 @@ length and precision, each in its own process (so peak RSS is each one's own), a
     python benchmarks/classification_vs_hf.py [--methods full,lora] [--epochs 1] [--repeats 1]
     python benchmarks/classification_vs_hf.py --methods freeze --epochs 3
 
-The peer runs in its best configuration on this CPU (bf16 autocast + group_by_length). Both do
+The peer runs in its best configuration on this CPU: `group_by_length`, and bf16 autocast
+where bf16 matrix products are faster here than float32 (`--precision auto`). Both do
 the same work: tunelab's LoRA takes the peer's adapter shape (r 8, alpha 16, dropout 0.1, on
 query and value: `PEER_LORA`) and `freeze` trains the same top 2 layers; the learning rates
 and schedules, which change no work, are each tool's own defaults. Prints one Markdown table:
-training samples/s, real tokens/s, padding, model FLOP/s as a share of the measured bf16
-matmul ceiling, peak RSS, test accuracy (872 rows), and tunelab/peer ratios.
+training samples/s, real tokens/s, padding, model FLOP/s as a share of this machine's matmul
+ceiling in that precision (measured at the start), peak RSS, test accuracy (872 rows), and tunelab/peer ratios.
 """
 
 from __future__ import annotations
@@ -46,10 +47,34 @@ def write_tsv(path: Path, rows: list[tuple[str, int]]) -> Path:
     return path
 
 
+def fastest_precision(choice: str) -> str:
+    """The precision both tools run in: `choice`, or for `auto` tunelab's own choice on this CPU
+    (bf16 where its matrix products time faster than float32), which is the peer's faster
+    configuration too: on a CPU where bf16 products ran at 0.55x float32, the peer's minilm-l6
+    full fine-tuning ran at 177 samples/s in float32 and 97 in bf16."""
+    if choice != "auto":
+        return choice
+    import torch
+
+    from tunelab.loop import resolve_precision
+
+    return "bf16" if resolve_precision("auto", torch.device("cpu")) else "fp32"
+
+
+def ceiling(precision: str) -> float:
+    """This machine's matrix-product ceiling in GFLOP/s for `precision`, measured now by the
+    peer's own script (peak_flops.py, best of 5 on 1024 and 2048 square products)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "peak.json"
+        subprocess.run([sys.executable, str(BENCH / "peak_flops.py"), "--sizes", "1024,2048", "--out", str(out)],
+                       check=True, capture_output=True, cwd=BENCH)  # fmt: skip
+        return json.loads(out.read_text())[f"{precision}_peak"]
+
+
 def run_peer(method: str, args: argparse.Namespace, out: Path) -> dict:
-    command = [sys.executable, str(BENCH / "hf_cls.py"), "--method", method, "--bf16", "--group-by-length",
+    command = [sys.executable, str(BENCH / "hf_cls.py"), "--method", method, "--group-by-length",
                "--n-train", str(args.n_train), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-               "--max-len", str(args.max_len), "--out", str(out)]  # fmt: skip
+               "--max-len", str(args.max_len), "--out", str(out)] + (["--bf16"] if args.precision == "bf16" else [])  # fmt: skip
     subprocess.run(command, check=True, capture_output=True, text=True, cwd=BENCH)
     r = json.loads(out.read_text())
     return {"samples_per_s": r["train_samples_per_s"], "tokens_per_s": r["real_tokens_per_s"],
@@ -66,7 +91,7 @@ def tunelab_overrides(method: str, args: argparse.Namespace, data: Path) -> list
     return [*same_work, "model=minilm-l6", f"method={method}", f"data.train={data / 'train.tsv'}",
             f"data.validation={data / 'validation.tsv'}", f"data.test={SST2 / 'test.tsv'}", "data.text_column=sentence",
             f"data.max_length={args.max_len}", f"train.epochs={args.epochs}", f"train.batch_size={args.batch_size}",
-            "train.precision=bf16", "train.eval_each_epoch=false", "train.progress_bar=false"]  # fmt: skip
+            f"train.precision={args.precision}", "train.eval_each_epoch=false", "train.progress_bar=false"]  # fmt: skip
 
 
 def run_tunelab(
@@ -107,8 +132,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                        help="for both tools; auto: the faster on this CPU (see fastest_precision)")  # fmt: skip
     args = parser.parse_args()
-    peak = json.loads((BENCH / "results" / "peak_flops.json").read_text())["bf16_peak"]
+    args.precision = fastest_precision(args.precision)
+    peak = ceiling(args.precision)
     mm = matmul_params()
     rows: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -134,10 +162,10 @@ def main() -> None:
                 f"{p['rss_mb']:.0f} / {t['rss_mb']:.0f} | {p['accuracy']:.4f} / {t['accuracy']:.4f} |"
             )
     print(f"\nminilm-l6, SST-2 {args.n_train} rows x {args.epochs:g} epoch(s), batch {args.batch_size}, "
-          f"max length {args.max_len}, bf16, {args.repeats} run(s) each\n")  # fmt: skip
+          f"max length {args.max_len}, {args.precision}, {args.repeats} run(s) each\n")  # fmt: skip
     print(
         "| method | peer samples/s | tunelab samples/s | ratio | real tokens/s (peer / tunelab) | padding | "
-        "MFU (bf16 ceiling) | peak RSS MB | test accuracy |"
+        "MFU (measured ceiling) | peak RSS MB | test accuracy |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     print("\n".join(rows))

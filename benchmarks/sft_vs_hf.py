@@ -1,8 +1,11 @@
 """tunelab against the Hugging Face peer (Trainer + PEFT, ../shared/bench/hf_clm.py) on the same
 LoRA SFT work: the built-in SmolLM2 on the peer's own instruction pairs (the same training
-rows, held-out rows, epochs, batch 8, maximum length 256, bf16), each in its own process.
+rows, held-out rows, epochs, batch 8, maximum length 256, precision), each in its own process.
 
-    python benchmarks/sft_vs_hf.py [--n-train 512] [--data sst2|mix]
+    python benchmarks/sft_vs_hf.py [--n-train 512] [--data sst2|mix] [--precision auto|bf16|fp32]
+
+`--precision auto` (the default) runs both in bf16 where bf16 matrix products are faster on
+this CPU than float32, else in float32.
 
 Both train the same adapter, the peer's (r 8, alpha 16, dropout 0.05 on q/k/v/o: `PEER_LORA`);
 the learning rates, which change no work, are each tool's own defaults. Prints one Markdown table: training samples/s, real (non-padding)
@@ -18,8 +21,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT.parent / "shared" / "bench"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from classification_vs_hf import BENCH, ROOT, fastest_precision  # noqa: E402
 
 
 def prepare(n_train: int, data: str, work: Path) -> tuple[Path, str]:
@@ -46,11 +50,11 @@ def prepare(n_train: int, data: str, work: Path) -> tuple[Path, str]:
     return work, model
 
 
-def run_peer(work: Path, model: str, n_train: int, data: str) -> dict:
+def run_peer(work: Path, model: str, n_train: int, data: str, precision: str) -> dict:
     peer_out = work / "peer.json"
     subprocess.run([sys.executable, str(BENCH / "hf_clm.py"), "--method", "lora", "--data", data, "--n-train",
-                    str(n_train), "--bf16", "--max-len", "256", "--model", model, "--out", str(peer_out)],
-                   check=True, cwd=BENCH, capture_output=True)  # fmt: skip
+                    str(n_train), "--max-len", "256", "--model", model, "--out", str(peer_out)]
+                   + (["--bf16"] if precision == "bf16" else []), check=True, cwd=BENCH, capture_output=True)  # fmt: skip
     return json.loads(peer_out.read_text())
 
 
@@ -63,16 +67,16 @@ PEER_LORA = [
 ]
 
 
-def tunelab_overrides(work: Path) -> list[str]:
+def tunelab_overrides(work: Path, precision: str) -> list[str]:
     return [*PEER_LORA, "model=smollm2-135m", "task=causal-lm", "method=lora", f"data.train={work / 'train.jsonl'}",
             f"data.validation={work / 'held.jsonl'}", "train.epochs=1", "train.batch_size=8", "data.max_length=256",
-            "train.precision=bf16", "train.eval_each_epoch=false", "generation.eval_samples=0",
+            f"train.precision={precision}", "train.eval_each_epoch=false", "generation.eval_samples=0",
             "generation.compare_base=false", "train.progress_bar=false"]  # fmt: skip
 
 
-def run_tunelab(work: Path) -> dict:
+def run_tunelab(work: Path, precision: str) -> dict:
     run = work / "tunelab-run"
-    subprocess.run([sys.executable, "-m", "tunelab", "train", *tunelab_overrides(work), f"output_dir={run}",
+    subprocess.run([sys.executable, "-m", "tunelab", "train", *tunelab_overrides(work, precision), f"output_dir={run}",
                     "--overwrite"], check=True, capture_output=True, cwd=ROOT)  # fmt: skip
     return json.loads((run / "eval.json").read_text())
 
@@ -81,12 +85,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n-train", type=int, default=512)
     parser.add_argument("--data", default="sst2", choices=["sst2", "mix"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     args = parser.parse_args()
+    precision = fastest_precision(args.precision)
     with tempfile.TemporaryDirectory(prefix="tunelab-sft-bench-") as tmp:
         work, model = prepare(args.n_train, args.data, Path(tmp))
         train = (work / "train.jsonl").read_text().splitlines()
-        peer = run_peer(work, model, args.n_train, args.data)
-        report = run_tunelab(work)
+        peer = run_peer(work, model, args.n_train, args.data, precision)
+        report = run_tunelab(work, precision)
     ours = report["train"]
     rows_out = [
         ("samples/s", peer["train_samples_per_s"], ours["samples_per_s"]),
@@ -96,7 +102,9 @@ def main() -> None:
         ("held-out loss", peer["eval_loss"], round(report["validation"]["loss"], 4)),
         ("trainable params", peer["trainable_params"], ours["trainable_params"]),
     ]
-    print(f"\nSmolLM2-135M LoRA SFT, {len(train)} rows ({args.data}), 1 epoch, batch 8, max length 256, bf16")
+    print(
+        f"\nSmolLM2-135M LoRA SFT, {len(train)} rows ({args.data}), 1 epoch, batch 8, max length 256, {precision}"
+    )
     print("| measure | HF peer | tunelab | tunelab / peer |\n| --- | --- | --- | --- |")
     for name, a, b in rows_out:
         print(f"| {name} | {a} | {b} | {b / a:.2f}x |" if a else f"| {name} | {a} | {b} | |")

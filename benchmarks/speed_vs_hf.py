@@ -6,13 +6,15 @@ invocation, each tool in its own process (so peak RSS is each one's own), altern
   2. smollm2-135m LoRA SFT on the peer's 512 instruction pairs, 1 epoch (peer: hf_clm.py)
   3. freeze (top 2 layers train) on the same 4096 SST-2 rows over 3 epochs (peer: hf_cls.py)
 
-    python benchmarks/speed_vs_hf.py [--workloads 1,2,3] [--repeats 1] [--no-estimate]
+    python benchmarks/speed_vs_hf.py [--workloads 1,2,3] [--repeats 1] [--no-estimate] [--precision auto]
 
-Same model, rows, epochs, batch size, maximum length and precision (bf16) for both; the peer
-runs in its fastest configuration on this CPU (bf16 autocast; `group_by_length` for the
-classifiers). LoRA runs train the peer's adapter (its rank, alpha, dropout and target layers)
-and `freeze` the same top 2 layers; learning rates, which change no work, are each tool's own.
-Before each tunelab run,
+Same model, rows, epochs, batch size, maximum length and precision for both; the peer runs in
+its fastest configuration on this CPU (`group_by_length` for the classifiers, and bf16
+autocast where bf16 matrix products are faster here than float32: `--precision auto`, the
+choice tunelab's own `train.precision=auto` makes). MFU is over this machine's matmul ceiling
+in that precision, measured at the start with the peer's peak_flops.py. LoRA runs train the
+peer's adapter (its rank, alpha, dropout and target layers) and `freeze` the same top 2
+layers; learning rates, which change no work, are each tool's own. Before each tunelab run,
 `tunelab estimate` predicts its time and peak memory, and the table reports how far off it was.
 Prints one Markdown table and appends the raw results to benchmarks/results/speed_vs_hf.jsonl.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import platform
 import statistics
 import subprocess
 import sys
@@ -34,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import classification_vs_hf as cls  # noqa: E402
 import sft_vs_hf as sft  # noqa: E402
 
-ROOT, BENCH = cls.ROOT, cls.BENCH
+ROOT = cls.ROOT
 
 
 def estimate(overrides: list[str], method: str) -> dict:
@@ -53,7 +56,9 @@ def predicted_train_s(guess: dict, epochs: float) -> float:
 def classification(
     method: str, epochs: float, args: argparse.Namespace, data: Path, mm: int, peak: float
 ) -> dict:
-    options = argparse.Namespace(n_train=4096, epochs=epochs, batch_size=32, max_len=128)
+    options = argparse.Namespace(
+        n_train=4096, epochs=epochs, batch_size=32, max_len=128, precision=args.precision
+    )
     results: dict[str, list[dict]] = {"peer": [], "tunelab": []}
     for _ in range(args.repeats):
         results["peer"].append(cls.run_peer(method, options, data / "peer.json"))
@@ -73,12 +78,12 @@ def sft_workload(args: argparse.Namespace, peak: float, folder: Path) -> dict:
     work, model = sft.prepare(512, "sst2", folder)
     results: dict[str, list[dict]] = {"peer": [], "tunelab": []}
     for _ in range(args.repeats):
-        r = sft.run_peer(work, model, 512, "sst2")
+        r = sft.run_peer(work, model, 512, "sst2", args.precision)
         results["peer"].append({"samples_per_s": r["train_samples_per_s"], "tokens_per_s": r["real_tokens_per_s"],
                                 "padding": r["pad_frac"], "rss_mb": r["peak_rss_train_mb"], "loss": r["eval_loss"],
                                 "mfu": r["mfu_matmul"]})  # fmt: skip
-        guess = None if args.no_estimate else estimate(sft.tunelab_overrides(work), "lora")
-        report = sft.run_tunelab(work)
+        guess = None if args.no_estimate else estimate(sft.tunelab_overrides(work, args.precision), "lora")
+        report = sft.run_tunelab(work, args.precision)
         t = report["train"]
         # the peer's FLOP formula: 4 x parameters in matrix products (all of SmolLM2's, the tied head included)
         ours = {"samples_per_s": t["samples_per_s"], "tokens_per_s": t["tokens_per_s"],
@@ -90,6 +95,17 @@ def sft_workload(args: argparse.Namespace, peak: float, folder: Path) -> dict:
         results["tunelab"].append(ours)
         print(json.dumps({"workload": "sft", **{k: v[-1] for k, v in results.items()}}), flush=True)
     return {tool: mean(rs) for tool, rs in results.items()}
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo; the platform's processor string elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def mean(runs: list[dict]) -> dict:
@@ -119,9 +135,12 @@ def main() -> None:
     parser.add_argument("--workloads", default="1,2,3")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--no-estimate", action="store_true", help="skip `tunelab estimate` before each run")
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                        help="for both tools; auto: the faster on this CPU")  # fmt: skip
     args = parser.parse_args()
     workloads = set(args.workloads.split(","))
-    peak = json.loads((BENCH / "results" / "peak_flops.json").read_text())["bf16_peak"]
+    args.precision = cls.fastest_precision(args.precision)
+    peak = cls.ceiling(args.precision)
     began = time.perf_counter()
     rows, raw = [], {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -145,16 +164,18 @@ def main() -> None:
             rows.append(
                 row("3. minilm-l6 SST-2 freeze, 3 epochs", "acc", r["peer"], r["tunelab"], "accuracy")
             )
-    print(f"\n{args.repeats} run(s) of each tool per workload, alternating; bf16; "
+    print(f"\n{args.repeats} run(s) of each tool per workload, alternating; {args.precision} "
+          f"(matmul ceiling here {peak:.0f} GFLOP/s); {cpu_name()}; "
           f"{(time.perf_counter() - began) / 60:.0f} min in all\n")  # fmt: skip
-    print("| workload | samples/s (peer / tunelab) | ratio | real tokens/s | padding | MFU (bf16 ceiling) | "
+    print("| workload | samples/s (peer / tunelab) | ratio | real tokens/s | padding | MFU (measured ceiling) | "
           "peak RSS MB | test metric | tunelab estimate: time; memory (predicted / measured) |")  # fmt: skip
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     print("\n".join(rows))
     results = ROOT / "benchmarks" / "results"
     results.mkdir(exist_ok=True)
     with open(results / "speed_vs_hf.jsonl", "a") as f:
-        f.write(json.dumps({"repeats": args.repeats, "results": raw}) + "\n")
+        f.write(json.dumps({"repeats": args.repeats, "precision": args.precision, "ceiling_gflops": peak,
+                            "cpu": cpu_name(), "results": raw}) + "\n")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -172,3 +172,28 @@ def test_weight_decay_skips_biases_and_norms(tiny_bert):
     assert any("LayerNorm" in names[id(p)] for p in exempt["params"])
     assert all(not names[id(p)].endswith("bias") for p in decay["params"])
     assert decay["weight_decay"] == 0.01 and exempt["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("speedup, expected", [(2.2, torch.bfloat16), (1.0, None), (0.55, None)])
+def test_auto_precision_on_cpu_takes_bf16_only_where_it_is_faster(monkeypatch, speedup, expected):
+    from tunelab import loop
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    monkeypatch.setattr(loop, "cpu_bf16_speedup", lambda: speedup)
+    cpu = torch.device("cpu")
+    assert loop.resolve_precision("auto", cpu) is expected
+    # asked for by name, bf16 is used whatever the timing says; fp32 likewise
+    assert loop.resolve_precision("bf16", cpu) is torch.bfloat16
+    assert loop.resolve_precision("fp32", cpu) is None
+    # a CPU without bf16 support: auto is fp32 and no timing is taken
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    monkeypatch.setattr(loop, "cpu_bf16_speedup", lambda: pytest.fail("timed a CPU without bf16"))
+    assert loop.resolve_precision("auto", cpu) is None
+
+
+def test_bf16_speedup_is_timed_once_per_process():
+    from tunelab.loop import cpu_bf16_speedup
+
+    first = cpu_bf16_speedup()
+    assert 0.05 < first < 20  # a ratio of two timings of the same product, not a constant
+    assert cpu_bf16_speedup() is first  # cached: every later call in the process agrees

@@ -40,7 +40,7 @@ from tunelab.config import Config, load_config, save_config, to_dict
 from tunelab.data import is_missing, read_table, require_columns
 from tunelab.dist import device_for, full_state, init_distributed, shutdown
 from tunelab.errors import ConfigError, Interrupted, TunelabError
-from tunelab.loop import fit, peak_rss_mb, pick_device, resolve_precision
+from tunelab.loop import cpu_bf16_speedup, fit, peak_rss_mb, pick_device, resolve_precision
 from tunelab.methods import METHODS, plain_weights
 from tunelab.models import count_params, load_tokenizer, quiet_transformers, resolve_model
 from tunelab.tasks import TASKS
@@ -86,11 +86,24 @@ def environment(config: Config, device: torch.device, files: dict[str, str]) -> 
         "platform": platform.platform(),
         "device": str(device),
         "threads": torch.get_num_threads(),
+        "precision": precision_used(config.train.precision, device),
         "seed": config.seed,
         "data_sha256": {split: sha256(path) for split, path in files.items()},
         "git_commit": commit,
         "command": sys.argv,
     }
+
+
+def precision_used(precision: str, device: torch.device) -> dict[str, Any]:
+    """What `train.precision` came to on this device, and for `auto` on a CPU the timing behind it."""
+    dtype = resolve_precision(precision, device)
+    used = {
+        "setting": precision,
+        "used": {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[dtype],
+    }
+    if precision == "auto" and device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        used["cpu_bf16_speedup"] = round(cpu_bf16_speedup(), 2)
+    return used
 
 
 def default_output_dir(config: Config) -> str:
