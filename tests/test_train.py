@@ -197,3 +197,22 @@ def test_bf16_speedup_is_timed_once_per_process():
     first = cpu_bf16_speedup()
     assert 0.05 < first < 20  # a ratio of two timings of the same product, not a constant
     assert cpu_bf16_speedup() is first  # cached: every later call in the process agrees
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="Linux only")
+def test_peak_rss_is_the_process_own_not_its_parents():
+    import resource
+    import subprocess
+    import sys
+
+    # the parent holds 1.5 GB for a moment, then starts a child: Linux hands its ru_maxrss on
+    big = bytearray(1536 * 2**20)
+    big[::4096] = b"\1" * len(range(0, len(big), 4096))  # touch every page
+    del big
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 > 1500
+    code = ("import resource; from tunelab.loop import peak_rss_mb; "
+            "print(peak_rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    own, inherited = map(float, out.split())
+    assert inherited > 1500  # what the child would have reported before
+    assert 20 < own < 1000  # the child's own peak: Python, torch and tunelab imported

@@ -219,7 +219,6 @@ def _fill(row: Row, result: dict[str, Any], metric: str) -> None:
 
 def no_training_baseline(config: Config) -> dict[str, Any]:
     """Scores of the no-training floor on the same validation/test rows training uses."""
-    import resource
 
     from tunelab.models import resolve_model
 
@@ -234,7 +233,9 @@ def no_training_baseline(config: Config) -> dict[str, Any]:
             _tfidf(config),
             "TF-IDF + " + ("ridge" if config.task == "regression" else "logistic regression"),
         )
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from tunelab.loop import peak_rss_mb
+
+    rss = peak_rss_mb()
     return {**scores, "baseline": kind, "train": {"runtime_s": 0.0,
                                                   "trainable_params": 0, "peak_rss_mb": round(rss, 1),
                                                   "samples_per_s": 0.0}}  # fmt: skip

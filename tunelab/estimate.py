@@ -24,7 +24,7 @@ plus that once-only time, plus `freeze`'s one-time cache pass (timed on a sample
 1024 training rows and scaled by padded tokens). Without memory steps (a plan the probe
 covers), the new-shape cost comes from the probe's own first pass.
 
-Memory: the child's `ru_maxrss` after the probe's steps plus what the epoch's other shapes
+Memory: the child's peak RSS (`VmHWM`) after the probe's steps plus what the epoch's other shapes
 keep. Every distinct matrix shape leaves memory behind in the kernel library's primitive
 cache and the allocator, which a real epoch accumulates and the few probe steps do not; the
 memory steps measure it (what stays allocated after them, from glibc's `mallinfo2`), scaled

@@ -13,6 +13,7 @@ import math
 import random
 import resource
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -176,7 +177,19 @@ def make_schedule(optimizer: torch.optim.Optimizer, kind: str, warmup: int, tota
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """This process's peak resident memory in MB: the kernel's high-water mark for its own
+    address space (`VmHWM`). Not `ru_maxrss` where that exists: Linux carries `ru_maxrss` over
+    from the parent through fork and exec, so a run started by a process that had once held
+    1.2 GB reported a peak of at least 1.2 GB."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024.0  # bytes on macOS, KB elsewhere
 
 
 @dataclass
