@@ -54,11 +54,8 @@ def fastest_precision(choice: str) -> str:
     full fine-tuning ran at 177 samples/s in float32 and 97 in bf16."""
     if choice != "auto":
         return choice
-    import torch
-
-    from tunelab.loop import resolve_precision
-
-    return "bf16" if resolve_precision("auto", torch.device("cpu")) else "fp32"
+    code = "import torch; from tunelab.loop import resolve_precision; print(resolve_precision('auto', torch.device('cpu')))"
+    return "bf16" if "bfloat16" in in_child(code) else "fp32"
 
 
 def ceiling(precision: str) -> float:
@@ -71,7 +68,7 @@ def ceiling(precision: str) -> float:
         return json.loads(out.read_text())[f"{precision}_peak"]
 
 
-def run_peer(method: str, args: argparse.Namespace, out: Path) -> dict:
+def run_peer(method: str, args: argparse.Namespace, out: Path, peak: float) -> dict:
     command = [sys.executable, str(BENCH / "hf_cls.py"), "--method", method, "--group-by-length",
                "--n-train", str(args.n_train), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
                "--max-len", str(args.max_len), "--out", str(out)] + (["--bf16"] if args.precision == "bf16" else [])  # fmt: skip
@@ -79,7 +76,7 @@ def run_peer(method: str, args: argparse.Namespace, out: Path) -> dict:
     r = json.loads(out.read_text())
     return {"samples_per_s": r["train_samples_per_s"], "tokens_per_s": r["real_tokens_per_s"],
             "padding": r["pad_frac"], "rss_mb": r["peak_rss_train_mb"], "accuracy": r["test_acc"],
-            "mfu": r["mfu_matmul"]}  # fmt: skip
+            "mfu": r["model_gflops_matmul"] / peak}  # fmt: skip
 
 
 # the adapter hf_cls.py builds (LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=[...]))
@@ -109,17 +106,27 @@ def run_tunelab(
             "train_s": t["runtime_s"] - t["eval_s"]}  # fmt: skip
 
 
+def in_child(code: str) -> str:
+    """Run Python `code` in a child process and return what it prints. The benchmarks load
+    models only in children: Linux hands a parent's peak RSS on to the children it starts (as
+    their `ru_maxrss`, which the peer reports), so the parent has to stay small."""
+    return subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT
+    ).stdout
+
+
 def matmul_params() -> int:
     """Parameters in per-token matrix products (the peer's definition): all but embedding tables."""
-    import torch
-    from transformers import AutoModelForSequenceClassification
-
-    from tunelab.models import quiet_transformers, resolve_model
-
-    quiet_transformers()
-    model = AutoModelForSequenceClassification.from_pretrained(resolve_model("minilm-l6"), num_labels=2)
-    return sum(p.numel() for m in model.modules() if not isinstance(m, torch.nn.Embedding)
-               for p in m.parameters(recurse=False))  # fmt: skip
+    return int(
+        in_child("""
+import torch
+from transformers import AutoModelForSequenceClassification
+from tunelab.models import quiet_transformers, resolve_model
+quiet_transformers()
+model = AutoModelForSequenceClassification.from_pretrained(resolve_model("minilm-l6"), num_labels=2)
+print(sum(p.numel() for m in model.modules() if not isinstance(m, torch.nn.Embedding) for p in m.parameters(recurse=False)))
+""")
+    )
 
 
 def main() -> None:
@@ -148,7 +155,7 @@ def main() -> None:
         for method in args.methods.split(","):
             results: dict[str, list[dict]] = {"peer": [], "tunelab": []}
             for _ in range(args.repeats):  # alternate the two tools
-                results["peer"].append(run_peer(method, args, data / "peer.json"))
+                results["peer"].append(run_peer(method, args, data / "peer.json", peak))
                 results["tunelab"].append(run_tunelab(method, args, data, data / "run", mm, peak))
                 print(json.dumps({"method": method, **{k: v[-1] for k, v in results.items()}}), flush=True)
             mean = {

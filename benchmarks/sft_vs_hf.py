@@ -23,16 +23,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from classification_vs_hf import BENCH, ROOT, fastest_precision  # noqa: E402
+from classification_vs_hf import BENCH, ROOT, fastest_precision, in_child  # noqa: E402
 
 
 def prepare(n_train: int, data: str, work: Path) -> tuple[Path, str]:
     """The peer's own pairs as tunelab chat files (train.jsonl, held.jsonl) in `work` (made
     here; the caller removes it)."""
-    sys.path.insert(0, str(ROOT))
-    from tunelab.models import resolve_model
-
-    model = resolve_model("smollm2-135m")  # the converted safetensors folder, which the peer reads too
+    # the converted safetensors folder, which the peer reads too (converted once, in a child)
+    model = in_child("from tunelab.models import resolve_model; print(resolve_model('smollm2-135m'))").split()[-1]
     work.mkdir(parents=True, exist_ok=True)
     pairs = work / "pairs.jsonl"
     subprocess.run([sys.executable, str(BENCH / "hf_clm.py"), "--data", data, "--model", model,

@@ -61,7 +61,7 @@ def classification(
     )
     results: dict[str, list[dict]] = {"peer": [], "tunelab": []}
     for _ in range(args.repeats):
-        results["peer"].append(cls.run_peer(method, options, data / "peer.json"))
+        results["peer"].append(cls.run_peer(method, options, data / "peer.json", peak))
         guess = None if args.no_estimate else estimate(cls.tunelab_overrides(method, options, data), method)
         ours = cls.run_tunelab(method, options, data, data / "run", mm, peak)
         if guess:
@@ -81,7 +81,7 @@ def sft_workload(args: argparse.Namespace, peak: float, folder: Path) -> dict:
         r = sft.run_peer(work, model, 512, "sst2", args.precision)
         results["peer"].append({"samples_per_s": r["train_samples_per_s"], "tokens_per_s": r["real_tokens_per_s"],
                                 "padding": r["pad_frac"], "rss_mb": r["peak_rss_train_mb"], "loss": r["eval_loss"],
-                                "mfu": r["mfu_matmul"]})  # fmt: skip
+                                "mfu": r["model_gflops_matmul"] / peak})  # fmt: skip
         guess = None if args.no_estimate else estimate(sft.tunelab_overrides(work, args.precision), "lora")
         report = sft.run_tunelab(work, args.precision)
         t = report["train"]
