@@ -44,7 +44,7 @@ BF16_MIN_SPEEDUP = 1.2
 @functools.cache
 def cpu_bf16_speedup(size: int = 768, repeats: int = 5) -> float:
     """How many times faster a bf16 matrix product (size x size x size) runs than a float32 one
-    on this CPU, best of `repeats` each; measured once per process (about 0.05-0.1 s).
+    on this CPU, best of `repeats` each; measured once per process (about 0.06 s here).
 
     Having the bf16 instructions does not make bf16 faster: on one 2-core machine here bf16
     products ran 2.2x faster than float32 (AMD, AVX-512 bf16), on another 0.55x (Intel without
