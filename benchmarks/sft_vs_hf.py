@@ -30,7 +30,9 @@ def prepare(n_train: int, data: str, work: Path) -> tuple[Path, str]:
     """The peer's own pairs as tunelab chat files (train.jsonl, held.jsonl) in `work` (made
     here; the caller removes it)."""
     # the converted safetensors folder, which the peer reads too (converted once, in a child)
-    model = in_child("from tunelab.models import resolve_model; print(resolve_model('smollm2-135m'))").split()[-1]
+    model = in_child(
+        "from tunelab.models import resolve_model; print(resolve_model('smollm2-135m'))"
+    ).split()[-1]
     work.mkdir(parents=True, exist_ok=True)
     pairs = work / "pairs.jsonl"
     subprocess.run([sys.executable, str(BENCH / "hf_clm.py"), "--data", data, "--model", model,
