@@ -12,7 +12,8 @@ the same work: tunelab's LoRA takes the peer's adapter shape (r 8, alpha 16, dro
 query and value: `PEER_LORA`) and `freeze` trains the same top 2 layers; the learning rates
 and schedules, which change no work, are each tool's own defaults. Prints one Markdown table:
 training samples/s, real tokens/s, padding, model FLOP/s as a share of this machine's matmul
-ceiling in that precision (measured at the start), peak RSS, test accuracy (872 rows), and tunelab/peer ratios.
+ceiling in that precision (measured at the start), peak RSS, test accuracy (872 rows), and
+tunelab/peer ratios.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def fastest_precision(choice: str) -> str:
     """The precision both tools run in: `choice`, or for `auto` tunelab's own choice on this CPU
     (bf16 where its matrix products time faster than float32), which is the peer's faster
     configuration too: on a CPU where bf16 products ran at 0.55x float32, the peer's minilm-l6
-    full fine-tuning ran at 177 samples/s in float32 and 97 in bf16."""
+    full fine-tuning ran at 138-177 samples/s in four float32 runs and 97 in a bf16 one."""
     if choice != "auto":
         return choice
     code = "import torch; from tunelab.loop import resolve_precision; print(resolve_precision('auto', torch.device('cpu')))"
