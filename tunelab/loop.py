@@ -65,6 +65,13 @@ def cpu_bf16_speedup(size: int = 768, repeats: int = 5) -> float:
     return best(torch.float32) / best(torch.bfloat16)
 
 
+def bf16_supported(device: torch.device) -> bool:
+    """Whether the device has bf16 kernels at all (whether they are faster is another matter)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for `precision`, or None for plain fp32. `auto` is bf16 on a GPU that
     supports it, and on a CPU whose bf16 matrix products are measurably faster than float32."""
@@ -74,10 +81,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
         if device.type != "cuda":
             raise ConfigError("train.precision: fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
         return torch.float16
-    if device.type == "cuda":
-        supported = torch.cuda.is_bf16_supported()
-    else:
-        supported = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    supported = bf16_supported(device)
     if precision == "bf16":
         if not supported:
             raise ConfigError(
