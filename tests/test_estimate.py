@@ -137,6 +137,26 @@ def test_json_puts_the_configured_method_first_and_says_how(estimated):
     assert "run twice each through the training loop" in estimated["basis"]
 
 
+def test_precision_is_spelled_as_train_precision_and_env_json_spell_it(setting, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    _, overrides = setting
+    code, out, err = run_cli(
+        "estimate",
+        *overrides,
+        "method=lora",
+        "train.precision=bf16",
+        "--methods",
+        "lora",
+        "--steps",
+        "2",
+        "--json",
+    )
+    assert code == 0, err
+    assert json.loads(out)["precision"] == "bf16"  # as in train.precision and env.json, not "bfloat16"
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

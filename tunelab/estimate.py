@@ -493,7 +493,7 @@ def estimate(
     import torch
 
     from tunelab.config import save_config
-    from tunelab.loop import pick_device, resolve_precision
+    from tunelab.loop import pick_device, precision_name, resolve_precision
     from tunelab.run import load_inputs, run_config
     from tunelab.run import say as stderr_say
 
@@ -516,7 +516,7 @@ def estimate(
     probed = probe_steps(plan, steps)
     result = Estimate(model=config.model, task=config.task, method=config.method, device=str(device),
                       threads=config.train.num_threads or torch.get_num_threads(),
-                      precision=str(dtype).replace("torch.", "") if dtype else "fp32", train_rows=len(splits.train), validation_rows=len(splits.validation),
+                      precision=precision_name(dtype), train_rows=len(splits.train), validation_rows=len(splits.validation),
                       batch_size=batch_size(config), gradient_accumulation=config.train.gradient_accumulation,
                       steps_per_epoch=len(plan), batch_shapes=len({b for s in plan for b in s.shapes}),
                       longest_step_tokens=max(s.tokens for s in plan), probe_steps=len(probed),

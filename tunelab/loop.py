@@ -92,6 +92,11 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return torch.bfloat16 if fast else None
 
 
+def precision_name(dtype: torch.dtype | None) -> str:
+    """The short name of an autocast dtype from `resolve_precision`, as `train.precision` spells it."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[dtype]
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 

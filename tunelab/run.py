@@ -40,7 +40,15 @@ from tunelab.config import Config, load_config, save_config, to_dict
 from tunelab.data import is_missing, read_table, require_columns
 from tunelab.dist import device_for, full_state, init_distributed, shutdown
 from tunelab.errors import ConfigError, Interrupted, TunelabError
-from tunelab.loop import bf16_supported, cpu_bf16_speedup, fit, peak_rss_mb, pick_device, resolve_precision
+from tunelab.loop import (
+    bf16_supported,
+    cpu_bf16_speedup,
+    fit,
+    peak_rss_mb,
+    pick_device,
+    precision_name,
+    resolve_precision,
+)
 from tunelab.methods import METHODS, plain_weights
 from tunelab.models import count_params, load_tokenizer, quiet_transformers, resolve_model
 from tunelab.tasks import TASKS
@@ -99,7 +107,7 @@ def precision_used(precision: str, device: torch.device) -> dict[str, Any]:
     dtype = resolve_precision(precision, device)
     used = {
         "setting": precision,
-        "used": {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[dtype],
+        "used": precision_name(dtype),
     }
     if precision == "auto" and device.type == "cpu" and bf16_supported(device):
         used["cpu_bf16_speedup"] = round(cpu_bf16_speedup(), 2)
