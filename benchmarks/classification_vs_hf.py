@@ -55,8 +55,9 @@ def fastest_precision(choice: str) -> str:
     full fine-tuning ran at 138-177 samples/s in four float32 runs and 97 in a bf16 one."""
     if choice != "auto":
         return choice
-    code = "import torch; from tunelab.loop import resolve_precision; print(resolve_precision('auto', torch.device('cpu')))"
-    return "bf16" if "bfloat16" in in_child(code) else "fp32"
+    code = ("import torch; from tunelab.loop import precision_name, resolve_precision; "
+            "print(precision_name(resolve_precision('auto', torch.device('cpu'))))")  # fmt: skip
+    return in_child(code).split()[-1]
 
 
 def ceiling(precision: str) -> float:

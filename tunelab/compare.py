@@ -219,7 +219,7 @@ def _fill(row: Row, result: dict[str, Any], metric: str) -> None:
 
 def no_training_baseline(config: Config) -> dict[str, Any]:
     """Scores of the no-training floor on the same validation/test rows training uses."""
-
+    from tunelab.loop import peak_rss_mb
     from tunelab.models import resolve_model
 
     if config.task in GENERATIVE_TASKS:
@@ -233,8 +233,6 @@ def no_training_baseline(config: Config) -> dict[str, Any]:
             _tfidf(config),
             "TF-IDF + " + ("ridge" if config.task == "regression" else "logistic regression"),
         )
-    from tunelab.loop import peak_rss_mb
-
     rss = peak_rss_mb()
     return {**scores, "baseline": kind, "train": {"runtime_s": 0.0,
                                                   "trainable_params": 0, "peak_rss_mb": round(rss, 1),

@@ -105,10 +105,7 @@ def environment(config: Config, device: torch.device, files: dict[str, str]) -> 
 def precision_used(precision: str, device: torch.device) -> dict[str, Any]:
     """What `train.precision` came to on this device, and for `auto` on a CPU the timing behind it."""
     dtype = resolve_precision(precision, device)
-    used = {
-        "setting": precision,
-        "used": precision_name(dtype),
-    }
+    used = {"setting": precision, "used": precision_name(dtype)}
     if precision == "auto" and device.type == "cpu" and bf16_supported(device):
         used["cpu_bf16_speedup"] = round(cpu_bf16_speedup(), 2)
     return used
