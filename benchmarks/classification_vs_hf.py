@@ -55,7 +55,7 @@ def fastest_precision(choice: str) -> str:
     full fine-tuning ran at 138-177 samples/s in four float32 runs and 97 in a bf16 one."""
     if choice != "auto":
         return choice
-    code = ("import torch; from tunelab.loop import precision_name, resolve_precision; "
+    code = ("import torch; from tunelab.device import precision_name, resolve_precision; "
             "print(precision_name(resolve_precision('auto', torch.device('cpu'))))")  # fmt: skip
     return in_child(code).split()[-1]
 

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from tunelab.checkpoint import checkpoint_dirs
 
@@ -151,18 +150,6 @@ def test_env_json_records_what_reproduces_the_run(uninterrupted):
     assert all(len(h) == 64 for h in env["data_sha256"].values())
     assert "git_commit" in env
     assert env["precision"] == {"setting": "fp32", "used": "fp32"}
-
-
-def test_env_json_says_what_auto_precision_came_to(monkeypatch):
-    from tunelab import loop
-    from tunelab.run import precision_used
-
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
-    monkeypatch.setattr(loop, "cpu_bf16_speedup", lambda: 0.55)
-    monkeypatch.setattr("tunelab.run.cpu_bf16_speedup", lambda: 0.55)
-    cpu = torch.device("cpu")
-    assert precision_used("auto", cpu) == {"setting": "auto", "used": "fp32", "cpu_bf16_speedup": 0.55}
-    assert precision_used("bf16", cpu) == {"setting": "bf16", "used": "bf16"}
 
 
 def test_same_seed_same_numbers_with_deterministic_algorithms(bert, sentiment_files, uninterrupted, tmp_path):

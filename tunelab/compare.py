@@ -32,6 +32,7 @@ from typing import Any
 
 from tunelab.config import GENERATIVE_TASKS, Config, load_config, save_config
 from tunelab.errors import ConfigError, TunelabError
+from tunelab.metrics import higher_is_better
 
 METHOD_ORDER = ["none", "full", "freeze", "lora", "adapter", "prefix", "prompt", "ia3"]
 LR_SWEEP = (1 / 3, 1.0, 3.0)  # factors of each method's default learning rate
@@ -94,7 +95,7 @@ def metric_of(config: Config) -> tuple[str, bool]:
     from tunelab.tasks import TASKS
 
     metric = TASKS[config.task](config).default_metric
-    return metric, not (metric.endswith("loss") or metric in ("mse", "mae", "perplexity"))
+    return metric, higher_is_better(metric)
 
 
 def compare(config_path: str | None, overrides: list[str], methods: list[str], seeds: int = 1,
@@ -219,7 +220,7 @@ def _fill(row: Row, result: dict[str, Any], metric: str) -> None:
 
 def no_training_baseline(config: Config) -> dict[str, Any]:
     """Scores of the no-training floor on the same validation/test rows training uses."""
-    from tunelab.loop import peak_rss_mb
+    from tunelab.device import peak_rss_mb
     from tunelab.models import resolve_model
 
     if config.task in GENERATIVE_TASKS:
@@ -299,7 +300,7 @@ def _prompted_classifier(config: Config, shots_per_label: int = 1) -> dict[str, 
     import numpy as np
     import torch
 
-    from tunelab.loop import autocast, pick_device, resolve_precision
+    from tunelab.device import autocast, pick_device, resolve_precision
     from tunelab.models import load_tokenizer, resolve_model
     from tunelab.tasks import TASKS
 
@@ -344,7 +345,7 @@ def _prompted_classifier(config: Config, shots_per_label: int = 1) -> dict[str, 
 
 
 def _untuned_generative(config: Config) -> dict[str, Any]:
-    from tunelab.loop import pick_device, resolve_precision
+    from tunelab.device import pick_device, resolve_precision
     from tunelab.models import load_tokenizer, resolve_model
     from tunelab.tasks import TASKS
 

@@ -22,7 +22,9 @@ from typing import Any, Literal
 
 import yaml
 
+from tunelab.device import bf16_supported, pick_device
 from tunelab.errors import ConfigError
+from tunelab.metrics import task_metrics
 
 
 def doc(text: str, default: Any = None, **kw: Any) -> Any:
@@ -131,6 +133,11 @@ class TrainConfig:
     fast_kernels: bool = doc(
         "tunelab's exact CPU speed-ups: cheap dropout masks, eager attention on short rows, and the last "
         "layer computing only the position a classifier reads; false: the model's own code.",
+        True,
+    )
+    cache_frozen_layers: bool = doc(
+        "freeze only: frozen layers run without dropout, computed once over the training rows (faster; not "
+        "the same computation as running them with dropout every step).",
         True,
     )
     length_bucketing: bool = doc("Batch examples of similar length (shuffled buckets) to cut padding.", True)
@@ -519,6 +526,27 @@ def validate(config: Config) -> None:
         if not ok:
             value = _get_dotted(config, key)
             raise ConfigError(f"{key}: {value!r} {rule}")
+    check_metric(config)
+    check_precision(config.train.precision)
+
+
+def check_metric(config: Config) -> None:
+    """`train.metric_for_best` names a metric the task scores at validation."""
+    metric = config.train.metric_for_best
+    names = task_metrics(config.task, config.classification.multi_label)
+    if metric != "auto" and metric not in names:
+        raise ConfigError(f"train.metric_for_best: '{metric}' is not a {config.task} validation metric; "
+                          f"choose one of: auto, {', '.join(names)}")  # fmt: skip
+
+
+def check_precision(precision: str) -> None:
+    """`train.precision` is one this machine's device computes in (fp16 needs a GPU; bf16
+    needs bf16 kernels)."""
+    device = pick_device()
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("train.precision: fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
+    if precision == "bf16" and not bf16_supported(device):
+        raise ConfigError(f"train.precision: this {device.type.upper()} has no fast bf16; use fp32 or auto")
 
 
 GENERATIVE_TASKS = ("causal-lm", "seq2seq")

@@ -284,7 +284,7 @@ def time_cache_pass(model: Any, train: list[dict[str, Any]], task: Any, pad_id: 
     (`FrozenCache.build`) on a random sample of up to CACHE_SAMPLE_ROWS rows, after a small
     warm-up pass, and scaling by padded tokens; None where no cache applies. (The probe's own
     pass covers only its few rows, spread over all lengths: too few and too padded to scale.)"""
-    from tunelab.loop import autocast, resolve_precision
+    from tunelab.device import autocast, resolve_precision
     from tunelab.speed import CACHE_BUDGET_MB, FrozenCache, cache_batches, cache_mb
     from tunelab.tasks.base import padded_length
 
@@ -322,7 +322,8 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
 
     from tunelab import speed
     from tunelab.config import load_config
-    from tunelab.loop import fit, peak_rss_mb, pick_device
+    from tunelab.device import peak_rss_mb, pick_device
+    from tunelab.loop import fit
     from tunelab.methods import METHODS
     from tunelab.models import count_params
     from tunelab.run import build_model, load_inputs
@@ -493,9 +494,9 @@ def estimate(
     import torch
 
     from tunelab.config import save_config
-    from tunelab.loop import pick_device, precision_name, resolve_precision
+    from tunelab.console import say as stderr_say
+    from tunelab.device import pick_device, precision_name, resolve_precision
     from tunelab.run import load_inputs, run_config
-    from tunelab.run import say as stderr_say
 
     say = say or stderr_say
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:

@@ -64,7 +64,7 @@ def generate(
     answer starts right after its own prompt. A row stops early once its text contains one of
     the `stop` strings (which stay in the text; callers cut them off).
     """
-    from tunelab.loop import autocast
+    from tunelab.device import autocast
 
     was_training = model.training
     model.eval()

@@ -13,6 +13,33 @@ from typing import Any
 
 import numpy as np
 
+# Which way each metric improves is declared here once: these fall as a model gets better
+# (and so does any `*loss`); every other metric rises.
+LOWER_IS_BETTER = ("loss", "mse", "mae", "perplexity")
+
+# The validation metrics each task scores during training (`train.metric_for_best` picks one).
+CLASSIFICATION_METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "precision_micro",
+                          "recall_micro", "f1_micro")  # fmt: skip
+MULTI_LABEL_METRICS = ("subset_accuracy", "precision_macro", "recall_macro", "f1_macro", "precision_micro",
+                       "recall_micro", "f1_micro")  # fmt: skip
+TASK_METRICS = {
+    "classification": CLASSIFICATION_METRICS,
+    "regression": ("mse", "mae", "r2", "pearson", "spearman"),
+    "token-classification": ("f1_micro", "precision_micro", "recall_micro", "f1_macro", "accuracy"),
+    "causal-lm": ("loss", "perplexity"),
+    "seq2seq": ("loss", "perplexity"),
+}
+
+
+def higher_is_better(metric: str) -> bool:
+    """Whether a larger value of `metric` means a better model."""
+    return not (metric.endswith("loss") or metric in LOWER_IS_BETTER)
+
+
+def task_metrics(task: str, multi_label: bool = False) -> tuple[str, ...]:
+    """The names `train.metric_for_best` may take for `task`."""
+    return MULTI_LABEL_METRICS if task == "classification" and multi_label else TASK_METRICS[task]
+
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_labels: int) -> np.ndarray:
     """Rows are true labels, columns predicted labels."""

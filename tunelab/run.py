@@ -37,25 +37,15 @@ import torch
 from tunelab import __version__, speed
 from tunelab.checkpoint import latest_checkpoint
 from tunelab.config import Config, load_config, save_config, to_dict
+from tunelab.console import say
 from tunelab.data import is_missing, read_table, require_columns
+from tunelab.device import peak_rss_mb, pick_device, precision_used, resolve_precision
 from tunelab.dist import device_for, full_state, init_distributed, shutdown
 from tunelab.errors import ConfigError, Interrupted, TunelabError
-from tunelab.loop import (
-    bf16_supported,
-    cpu_bf16_speedup,
-    fit,
-    peak_rss_mb,
-    pick_device,
-    precision_name,
-    resolve_precision,
-)
+from tunelab.loop import fit
 from tunelab.methods import METHODS, plain_weights
 from tunelab.models import count_params, load_tokenizer, quiet_transformers, resolve_model
 from tunelab.tasks import TASKS
-
-
-def say(message: str) -> None:
-    print(f"tunelab: {message}", file=sys.stderr, flush=True)
 
 
 def seed_everything(seed: int) -> None:
@@ -100,15 +90,6 @@ def environment(config: Config, device: torch.device, files: dict[str, str]) -> 
         "git_commit": commit,
         "command": sys.argv,
     }
-
-
-def precision_used(precision: str, device: torch.device) -> dict[str, Any]:
-    """What `train.precision` came to on this device, and for `auto` on a CPU the timing behind it."""
-    dtype = resolve_precision(precision, device)
-    used = {"setting": precision, "used": precision_name(dtype)}
-    if precision == "auto" and device.type == "cpu" and bf16_supported(device):
-        used["cpu_bf16_speedup"] = round(cpu_bf16_speedup(), 2)
-    return used
 
 
 def default_output_dir(config: Config) -> str:

@@ -53,7 +53,7 @@ def load_served(path: str | Path) -> Any:
     import transformers
 
     from tunelab.config import load_config
-    from tunelab.loop import pick_device
+    from tunelab.device import pick_device
     from tunelab.models import load_tokenizer, quiet_transformers
     from tunelab.tasks import TASKS
 

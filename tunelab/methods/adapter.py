@@ -34,6 +34,9 @@ from tunelab.methods.common import (
 )
 
 DEFAULT_LR = 2e-3
+PLAIN_WEIGHTS = False  # the trained model holds an adapter: `merge` (where there is one) folds it in
+CACHEABLE_FROZEN_LAYERS = False  # no lower layer is frozen whole
+VIRTUAL_TOKENS = False
 ATTRIBUTE = "bottleneck_adapters"  # where the adapters live on the model
 merge = None
 

@@ -16,6 +16,8 @@ from tunelab.methods.common import base_model, block_stacks, freeze_all_but, loa
 
 DEFAULT_LR = 1e-4
 PLAIN_WEIGHTS = True  # the trained layers are plain layers: `merge` returns the model as is
+CACHEABLE_FROZEN_LAYERS = True  # the lower layers are frozen whole: their outputs can be computed once
+VIRTUAL_TOKENS = False
 
 
 def trained_prefixes(model: nn.Module, config: Any) -> list[str]:

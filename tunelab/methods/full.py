@@ -15,6 +15,8 @@ from torch import nn
 
 DEFAULT_LR = 1e-4
 PLAIN_WEIGHTS = True  # the trained model is the plain model: `merge` returns it as is
+CACHEABLE_FROZEN_LAYERS = False  # no lower layer is frozen whole
+VIRTUAL_TOKENS = False
 
 
 def apply(model: nn.Module, config: Any, task: Any) -> nn.Module:

@@ -11,6 +11,9 @@ from torch import nn
 from tunelab.methods.common import head_names, peft_apply, peft_load, peft_merge, peft_save
 
 DEFAULT_LR = 1e-2
+PLAIN_WEIGHTS = False  # the trained model holds an adapter: `merge` (where there is one) folds it in
+CACHEABLE_FROZEN_LAYERS = False  # no lower layer is frozen whole
+VIRTUAL_TOKENS = False
 
 
 def peft_config(model: nn.Module, config: Any, task: Any) -> Any:

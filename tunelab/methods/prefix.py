@@ -11,6 +11,9 @@ from torch import nn
 from tunelab.methods.common import head_names, hidden_size, peft_apply, peft_load, peft_save
 
 DEFAULT_LR = 1e-2
+PLAIN_WEIGHTS = False  # the trained model holds an adapter: `merge` (where there is one) folds it in
+CACHEABLE_FROZEN_LAYERS = False  # no lower layer is frozen whole
+VIRTUAL_TOKENS = True  # trains virtual tokens ahead of every row (no packed rows, no merge)
 merge = None
 
 

@@ -1,15 +1,89 @@
-"""What every task shares: the split container, tokenizing texts, and padding a batch."""
+"""What every task shares: the split container, tokenizing texts, padding a batch, and the
+logits of a list of examples (`predict_logits`)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 
+from tunelab.config import Config
+from tunelab.data import sample, stratified_split
+from tunelab.device import autocast, to_device
+from tunelab.errors import DataError
 
-class Task:
+
+class Task(Protocol):
+    """What every task provides: how rows become model inputs, which loss and metrics apply,
+    and how outputs read. The loop and the commands know tasks only through this."""
+
+    name: str  # as `task:` spells it
+    default_metric: str  # the validation metric that picks the best model unless train.metric_for_best says
+    head_modules: tuple[str, ...]  # names of the task-head modules (always trained and saved)
+    peft_task_type: str  # peft's TaskType for this task
+    generative: bool  # generates text (causal-lm, seq2seq): scored on generations too
+    pad_multiple: int  # `collate` rounds a batch's padded length up to a multiple of this
+    config: Config
+    labels: list[str] | None  # label names, where the task has them
+
+    def load_splits(self, tokenizer: Any) -> Splits:
+        """Read, validate, split and tokenize the config's data files."""
+        ...
+
+    def read(self, path: str, need_labels: bool = True) -> Any:
+        """One data file as a table, validated (errors name the file, row and column)."""
+        ...
+
+    def encode(self, table: Any, tokenizer: Any, with_labels: bool = True) -> list[dict[str, Any]]:
+        """Tokenize a table into examples (dicts of token lists, + "labels")."""
+        ...
+
+    def encode_inputs(self, texts: list[str], tokenizer: Any, pairs: list[str] | None = None) -> list[dict]:
+        """Tokenize raw inputs for prediction."""
+        ...
+
+    def build_model(self, path: str) -> torch.nn.Module:
+        """The pretrained model at `path` with this task's head."""
+        ...
+
+    def collate(self, examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+        """Pad examples into one batch of tensors."""
+        ...
+
+    def units(self, batch: dict[str, torch.Tensor]) -> int:
+        """What the loss is averaged over in a batch: examples, or target tokens."""
+        ...
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The batch's summed loss (the loop divides by the step's units)."""
+        ...
+
+    def outputs(self, model: torch.nn.Module, examples: list[dict[str, Any]], pad_id: int, batch_size: int,
+                device: torch.device, dtype: torch.dtype | None) -> list[Any]:  # fmt: skip
+        """What `metrics` and `predictions` read, one entry per example."""
+        ...
+
+    def metrics(self, outputs: list[Any], examples: list[dict[str, Any]]) -> dict[str, Any]:
+        """Scores of `outputs` against the examples' labels."""
+        ...
+
+    def calibrate(self, outputs: list[Any], examples: list[dict[str, Any]]) -> dict[str, Any]:
+        """Settings tuned on validation after training (saved in the run's config)."""
+        ...
+
+    def predictions(self, outputs: list[Any], examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """What a person reads: label names, entity spans, values or text."""
+        ...
+
+    def probe_batch(self, examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+        """Model inputs for a few examples, to compare two models' logits."""
+        ...
+
+
+class TaskBase:
     """Defaults shared by every task: model outputs come from one forward pass per batch."""
 
     generative = False  # generates text (causal-lm, seq2seq): scored on generations too
@@ -18,8 +92,6 @@ class Task:
     def outputs(self, model: torch.nn.Module, examples: list[dict[str, Any]], pad_id: int, batch_size: int,
                 device: torch.device, dtype: torch.dtype | None) -> list[Any]:  # fmt: skip
         """What `metrics` and `predictions` read: here the logits of each example."""
-        from tunelab.loop import predict_logits
-
         return predict_logits(model, examples, self.collate, pad_id, batch_size, device, dtype)  # type: ignore[attr-defined]
 
     def probe_batch(self, examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -44,9 +116,6 @@ def split_tables(task: Any, train: Any, strata: list[Any] | None,
     """(train, validation, test) tables as training uses them: the validation file, or a
     stratified share of train; seeded subsets (`max_train_samples`, `max_eval_samples`); the
     test file. `few_shot` picks training rows before the subset is taken."""
-    from tunelab.data import sample, stratified_split
-    from tunelab.errors import DataError
-
     d, seed = task.config.data, task.config.seed
     if d.validation:
         validation = task.read(d.validation)
@@ -119,3 +188,34 @@ def collate_tokens(examples: list[dict[str, Any]], pad_id: int, multiple: int = 
     if "labels" in examples[0]:
         batch["labels"] = torch.tensor([e["labels"] for e in examples])
     return batch
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: torch.nn.Module,
+    examples: list[dict[str, Any]],
+    collate: Callable,
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype | None,
+) -> list[np.ndarray]:
+    """Model outputs for each example, in their order: a vector per example for sequence
+    tasks, a (tokens, labels) array for token tasks. Batches are length-sorted to cut padding."""
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    out: list[np.ndarray] = [np.zeros(0)] * len(examples)
+    for s in range(0, len(order), batch_size):
+        chunk = order[s : s + batch_size]
+        batch = collate([examples[i] for i in chunk], pad_id)
+        batch.pop("labels", None)
+        with autocast(device, dtype):
+            logits = model(**to_device(batch, device)).logits.float().cpu().numpy()
+        # soft-prompt methods prepend virtual tokens: the real ones follow them
+        offset = logits.shape[1] - batch["input_ids"].shape[1] if logits.ndim == 3 else 0
+        for row, i in enumerate(chunk):
+            n = len(examples[i]["input_ids"])
+            out[i] = logits[row, offset : offset + n] if logits.ndim == 3 else logits[row]
+    model.train(was_training)
+    return out

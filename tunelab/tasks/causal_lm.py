@@ -224,7 +224,7 @@ class CausalLMTask(GenerativeTask):
                 continue
             examples.append(example)
         if dropped:
-            from tunelab.run import say
+            from tunelab.console import say
 
             say(f"{table.path}: {dropped} example(s) dropped: the answer starts after data.max_length={limit} "
                 f"tokens")  # fmt: skip

@@ -20,7 +20,7 @@ from tunelab.config import Config, max_length
 from tunelab.data import Table, is_missing, read_table, require_columns, shots
 from tunelab.errors import DataError
 from tunelab.metrics import classification_metrics, multilabel_metrics
-from tunelab.tasks.base import Splits, Task, collate_tokens, encode_splits, encode_texts, split_tables
+from tunelab.tasks.base import Splits, TaskBase, collate_tokens, encode_splits, encode_texts, split_tables
 
 
 def label_name(value: Any) -> str:
@@ -45,7 +45,7 @@ def _flag(value: Any) -> bool | None:
     return {"1": True, "true": True, "0": False, "false": False, "": False}.get(text)
 
 
-class ClassificationTask(Task):
+class ClassificationTask(TaskBase):
     name = "classification"
     # the task head: HF names of the fresh classifier, plus the pretrained pooler of BERT-style
     # encoders, which feeds only the head and so trains with it

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.errors import DataError
-from tunelab.tasks.base import Task
+from tunelab.tasks.base import TaskBase
 
 IGNORE = -100  # label of positions without a target
 PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
@@ -78,7 +78,7 @@ def pad_sequences(rows: list[list[int]], value: int) -> torch.Tensor:
     return out
 
 
-class GenerativeTask(Task):
+class GenerativeTask(TaskBase):
     """The shared part of causal-lm and seq2seq; subclasses read rows, encode and render prompts."""
 
     generative = True
@@ -127,7 +127,7 @@ class GenerativeTask(Task):
     def outputs(self, model: torch.nn.Module, examples: list[dict[str, Any]], pad_id: int, batch_size: int,
                 device: torch.device, dtype: torch.dtype | None) -> list[np.ndarray]:  # fmt: skip
         """(summed negative log-likelihood, target count) of each example."""
-        from tunelab.loop import autocast, to_device
+        from tunelab.device import autocast, to_device
 
         was_training = model.training
         model.eval()

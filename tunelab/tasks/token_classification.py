@@ -22,7 +22,7 @@ from tunelab.config import max_length
 from tunelab.data import Table, read_table, require_columns
 from tunelab.errors import DataError
 from tunelab.metrics import entity_metrics, get_entities
-from tunelab.tasks.base import Splits, Task, collate_tokens, split_and_encode
+from tunelab.tasks.base import Splits, TaskBase, collate_tokens, split_and_encode
 
 CONLL_SUFFIXES = {".conll", ".txt", ".bio", ".iob", ".conllu"}
 WORD = re.compile(r"\w+(?:['’-]\w+)*|[^\w\s]")
@@ -64,7 +64,7 @@ def split_words(text: str) -> list[tuple[str, int, int]]:
     return [(m.group(), m.start(), m.end()) for m in WORD.finditer(text)]
 
 
-class TokenClassificationTask(Task):
+class TokenClassificationTask(TaskBase):
     name = "token-classification"
     default_metric = "f1_micro"
     head_modules = ("classifier",)
