@@ -7,7 +7,7 @@ mean ± std. The seed picks the shots, the initialisation and the augmentation.
 
     python benchmarks/few_shot_augmentation.py [--data ../shared/data/sst2] [--seeds 5]
 
-Prints a Markdown table (the README's) and writes the per-run numbers as JSON lines.
+Prints a Markdown table (the one in benchmarks/README.md) and writes the per-run numbers as JSON lines.
 """
 
 from __future__ import annotations
