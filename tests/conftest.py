@@ -155,6 +155,11 @@ def sentiment_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
 
 @pytest.fixture
 def shared_data() -> Path:
+    """The real datasets (SST-2, AG News, CoNLL-2003, Alpaca) kept beside the project in
+    ../shared/data: the one way a test reaches them. Where they are absent (a plain clone),
+    the test is skipped and says so."""
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"the shared datasets are not at {SHARED_DATA}")
+        pytest.skip(
+            f"needs the real datasets at {SHARED_DATA} (kept beside the project, not in the repository)"
+        )
     return SHARED_DATA

@@ -339,3 +339,27 @@ def test_a_folder_given_as_config_says_so(tmp_path):
         ConfigError, match=r"is a folder; give a YAML config file, .*tunelab train --resume RUN"
     ):
         load_config(tmp_path)
+
+
+def test_metric_for_best_is_checked_at_load_against_the_task_metrics():
+    with pytest.raises(ConfigError, match=r"train.metric_for_best: 'bleu' is not a classification validation "
+                       r"metric; choose one of: auto, accuracy, .*f1_micro"):  # fmt: skip
+        load_config(metric_for_best="bleu")
+    with pytest.raises(ConfigError, match=r"'accuracy' is not a regression validation metric; .*mse, mae"):
+        load_config(task="regression", metric_for_best="accuracy")
+    with pytest.raises(ConfigError, match=r"'accuracy' is not a classification .*subset_accuracy"):
+        load_config(multi_label=True, metric_for_best="accuracy")  # multi-label scores subset accuracy
+    assert load_config(task="regression", metric_for_best="mae").train.metric_for_best == "mae"
+    assert load_config(task="causal-lm", metric_for_best="perplexity").train.metric_for_best == "perplexity"
+
+
+def test_precision_is_checked_against_this_machine_at_load(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"train.precision: fp16 needs a CUDA GPU; use bf16 or fp32 on CPU"):
+        load_config(precision="fp16")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    with pytest.raises(ConfigError, match=r"train.precision: this CPU has no fast bf16; use fp32 or auto"):
+        load_config(precision="bf16")
+    assert load_config(precision="auto").train.precision == "auto"

@@ -172,3 +172,51 @@ def test_weight_decay_skips_biases_and_norms(tiny_bert):
     assert any("LayerNorm" in names[id(p)] for p in exempt["params"])
     assert all(not names[id(p)].endswith("bias") for p in decay["params"])
     assert decay["weight_decay"] == 0.01 and exempt["weight_decay"] == 0.0
+
+
+def test_the_loop_never_names_a_method_or_a_task():
+    """The loop knows methods and tasks only through what they declare (tunelab.methods.Method,
+    tunelab.tasks.base.Task): no name of either appears in its code."""
+    import ast
+    import inspect
+
+    from tunelab import loop
+    from tunelab.methods import METHODS
+
+    strings = {n.value for n in ast.walk(ast.parse(inspect.getsource(loop))) if isinstance(n, ast.Constant)}
+    assert not strings & (set(METHODS) | set(TASKS)), strings & (set(METHODS) | set(TASKS))
+
+
+def test_train_leaves_the_process_as_it_found_it(tiny_bert, sentiment_files, tmp_path):
+    """Threads, deterministic algorithms, transformers' verbosity and progress bars, and the
+    signal handlers are set for a run and put back after it."""
+    import signal
+
+    from transformers.utils import logging as hf_logging
+
+    threads = torch.get_num_threads()
+    hf_logging.set_verbosity_info()
+    hf_logging.enable_progress_bar()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    seen = {}
+
+    def spy(message):  # what the process looked like while training ran
+        seen.update(threads=torch.get_num_threads(), deterministic=torch.are_deterministic_algorithms_enabled(),
+                    verbosity=hf_logging.get_verbosity(), handler=signal.getsignal(signal.SIGTERM))  # fmt: skip
+
+    from tunelab import run as run_module
+
+    original_say = run_module.say
+    run_module.say = spy
+    try:
+        train(model=str(tiny_bert), method="full", output_dir=str(tmp_path / "run"), train=str(sentiment_files["train"]),
+              max_steps=2, progress_bar=False, precision="fp32", num_threads=1, deterministic=True)  # fmt: skip
+    finally:
+        run_module.say = original_say
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_warning()
+    assert seen["threads"] == 1 and seen["deterministic"] and seen["verbosity"] == hf_logging.ERROR
+    assert torch.get_num_threads() == threads
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert verbosity == hf_logging.INFO and hf_logging.is_progress_bar_enabled()
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers

@@ -110,3 +110,43 @@ def test_results_are_plain_python_numbers():
     assert type(m["accuracy"]) is float and type(m["num_examples"]) is int
     assert type(m["per_class"]["a"]["support"]) is int
     assert all(type(v) is int for row in m["confusion_matrix"]["matrix"] for v in row)
+
+
+def test_metric_direction_is_declared_once():
+    from tunelab.metrics import higher_is_better
+
+    for metric in ("loss", "eval_loss", "mse", "mae", "perplexity"):
+        assert not higher_is_better(metric), metric
+    for metric in ("accuracy", "f1_micro", "f1_macro", "r2", "pearson", "spearman", "subset_accuracy"):
+        assert higher_is_better(metric), metric
+
+
+def test_the_metric_names_the_config_accepts_are_the_ones_each_task_scores():
+    """`train.metric_for_best` is checked at load against TASK_METRICS: every name there must
+    be a number the task's metrics really return at validation."""
+    from tunelab.config import load_config
+    from tunelab.metrics import (
+        MULTI_LABEL_METRICS,
+        TASK_METRICS,
+        entity_metrics,
+        multilabel_metrics,
+        regression_metrics,
+    )
+    from tunelab.tasks.causal_lm import CausalLMTask
+    from tunelab.tasks.seq2seq import Seq2SeqTask
+
+    scored = {
+        "classification": classification_metrics(np.array([0, 1]), np.array([0, 0]), ["a", "b"]),
+        "regression": regression_metrics([0.5, 1.0], np.array([0.4, 1.2])),
+        "token-classification": entity_metrics([["B-PER", "O"]], [["B-PER", "O"]]),
+        "causal-lm": CausalLMTask(load_config(task="causal-lm")).metrics([np.array([2.0, 4.0])], []),
+        "seq2seq": Seq2SeqTask(load_config(task="seq2seq")).metrics([np.array([2.0, 4.0])], []),
+    }
+    assert set(scored) == set(TASK_METRICS)
+    for task, names in TASK_METRICS.items():
+        for name in names:
+            assert isinstance(scored[task].get(name), float), (task, name)
+    multi = multilabel_metrics(
+        np.array([[1, 0]], dtype=bool), np.array([[1, 1]], dtype=bool), ["a", "b"], 0.5
+    )
+    assert all(isinstance(multi.get(name), float) for name in MULTI_LABEL_METRICS)

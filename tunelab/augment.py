@@ -141,9 +141,9 @@ class EmbeddingSynonyms:
 
         from tunelab.models import load_tokenizer, quiet_transformers
 
-        quiet_transformers()
         tokenizer = load_tokenizer(path)
-        model = AutoModel.from_pretrained(path)
+        with quiet_transformers():
+            model = AutoModel.from_pretrained(path)
         embeddings = model.get_input_embeddings().weight.detach().clone()
         del model
         return cls(tokenizer, embeddings, **kw)

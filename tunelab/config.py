@@ -1,8 +1,9 @@
 """The run configuration: typed dataclasses, read from YAML, `key=value` overrides and kwargs.
 
-Every field has a one-line doc (the `doc` metadata) that the README and `tunelab train --help`
-show. Unknown keys, wrong types and bad values are rejected when the config is built, with
-the valid keys or choices listed, so nothing fails deep inside training.
+Every field has a one-line doc (the `doc` metadata) that the config reference
+(docs/reference/config.md) and `tunelab train --help` show. Unknown keys, wrong types and bad
+values are rejected when the config is built, with the valid keys or choices listed, so
+nothing fails deep inside training.
 
 The loader is hand-written (about 150 lines) rather than pydantic/omegaconf because we need
 exactly three things, typed dataclasses, dotted overrides and errors that name the key and
@@ -115,7 +116,7 @@ class TrainConfig:
     )
     gradient_accumulation: int = doc("Forward passes per optimizer step.", 1)
     eval_batch_size: int = doc("Examples per forward pass at evaluation.", 128)
-    learning_rate: float | None = doc("Peak learning rate; default: the method's own (see README).")
+    learning_rate: float | None = doc("Peak learning rate; default: the method's own (see docs/methods.md).")
     optimizer: Literal["adamw", "sgd"] = doc("Optimizer.", "adamw")
     weight_decay: float = doc("Decoupled weight decay (never on biases and norms).", 0.01)
     schedule: Literal["linear", "cosine", "constant"] = doc("Decay after warmup.", "linear")
@@ -246,7 +247,7 @@ class Config:
         "What the model learns to do.", "classification"
     )
     method: Literal["full", "freeze", "lora", "adapter", "prefix", "prompt", "ia3"] = doc(
-        "What trains (see the README's method table).", "lora"
+        "What trains (see docs/methods.md).", "lora"
     )
     output_dir: str | None = doc("Run directory; default runs/<model>-<method>-<time>.")
     seed: int = doc("Seed for data order, splits, initialisation and dropout.", 42)

@@ -611,8 +611,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     spec = json.loads(Path(args[1]).read_text())
+    from tunelab.config import load_config
+    from tunelab.run import process_settings
+
     try:
-        result = probe(spec)
+        with process_settings(load_config(spec["config"])):  # the threads and determinism training uses
+            result = probe(spec)
     except TunelabError as e:
         result = {"error": str(e)}
     Path(spec["out"]).write_text(json.dumps(result))

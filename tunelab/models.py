@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +53,9 @@ def converted_gguf(name: str, folder: Path, gguf_file: str) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"tunelab: converting {name} from {gguf_file} to safetensors in {target} (once)", file=sys.stderr)
-    quiet_transformers()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    with quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -67,16 +70,29 @@ def converted_gguf(name: str, folder: Path, gguf_file: str) -> Path:
     return target
 
 
-def quiet_transformers() -> None:
-    """Silence load reports and weight-loading progress bars; tunelab prints its own lines."""
-    import warnings
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Inside: no load reports or weight-loading progress bars from transformers (tunelab
+    prints its own lines). On leaving, its verbosity, progress bars, the warning filters and
+    TOKENIZERS_PARALLELISM are as they were: a library call leaves the process as it found it."""
+    # transformers takes seconds to import: only when something is loaded
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    parallelism = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        try:
+            yield
+        finally:
+            hf_logging.set_verbosity(verbosity)
+            if bars:
+                hf_logging.enable_progress_bar()
+            if parallelism is None:
+                os.environ.pop("TOKENIZERS_PARALLELISM", None)
 
 
 def resolve_model(name: str) -> str:
@@ -114,8 +130,8 @@ def resolve_model(name: str) -> str:
 def load_tokenizer(path: str) -> Any:
     from transformers import AutoTokenizer
 
-    quiet_transformers()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    with quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:  # decoder-only models often ship without one
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -136,11 +136,11 @@ class Run:
             if partial_dir(path).exists():
                 hint = f" (an unfinished attempt exists: {partial_dir(path)}; tunelab train --resume {path})"
             raise TunelabError(f"{path} is not a finished tunelab run: it needs config.yaml and model/{hint}")
-        quiet_transformers()
         config = load_config(path / "config.yaml")
         task = TASKS[config.task](config)
         tokenizer = load_tokenizer(str(path / "model"))
-        model = METHODS[config.method].load(config, task, path / "model").to(pick_device()).eval()
+        with quiet_transformers():
+            model = METHODS[config.method].load(config, task, path / "model").to(pick_device()).eval()
         return cls(path, config, task, model, tokenizer)
 
     def logits(self, examples: list[dict[str, Any]]) -> list[np.ndarray]:
@@ -267,15 +267,33 @@ def run_config(config: Config | str | Path | None, overrides: list[str] | None, 
     return dataclasses.replace(config, output_dir=config.output_dir or default_output_dir(config))
 
 
+@contextmanager
+def process_settings(config: Config) -> Iterator[None]:
+    """The process-wide settings of a run (torch's thread count, deterministic algorithms,
+    quiet transformers) for the `with` block; put back as they were when it ends, so calling
+    `tunelab.train` leaves the caller's process as it found it."""
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    try:
+        if config.train.num_threads:
+            torch.set_num_threads(config.train.num_threads)
+        if config.train.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+        with quiet_transformers():
+            yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        if workspace is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+
+
 def load_inputs(config: Config) -> tuple[str, Any, Any, Any]:
-    """The process set-up of a training run (threads, determinism, seed), then (model path,
-    tokenizer, task, splits) with the labels filled into `config.data.labels`."""
-    if config.train.num_threads:
-        torch.set_num_threads(config.train.num_threads)
-    if config.train.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-    quiet_transformers()
+    """(model path, tokenizer, task, splits) of a run, seeded, with the labels filled into
+    `config.data.labels`. Call it inside `process_settings(config)`."""
     seed_everything(config.seed)
     model_path = resolve_model(config.model)
     tokenizer = load_tokenizer(model_path)
@@ -326,9 +344,15 @@ def train(
     `Interrupted` when stopped by a signal (after saving a checkpoint).
     """
     config = run_config(config, overrides, resume, kwargs)
+    with process_settings(config):
+        return train_in_process(config, resume is not None, overwrite)
+
+
+def train_in_process(config: Config, resume: bool, overwrite: bool) -> Run:
+    """`train` once the config is resolved, inside `process_settings`."""
     out = Path(config.output_dir)
     dist = init_distributed()
-    config, checkpoint = resume_point(config, out, resume is not None, overwrite)
+    config, checkpoint = resume_point(config, out, resume, overwrite)
     model_path, tokenizer, task, splits = load_inputs(config)
     method = METHODS[config.method]
     lr = config.train.learning_rate or method.DEFAULT_LR
