@@ -10,8 +10,8 @@ import torch
 from tunelab.config import load_config
 from tunelab.loop import fit
 from tunelab.methods import METHODS, adapter
-from tunelab.methods.common import block_stacks, merge_checked
-from tunelab.models import count_params, load_tokenizer
+from tunelab.methods.common import merge_checked
+from tunelab.models import block_stacks, count_params, load_tokenizer
 from tunelab.run import load, seed_everything, train
 from tunelab.tasks import TASKS
 

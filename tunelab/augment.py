@@ -20,7 +20,9 @@ from typing import Any
 
 import torch
 
+from tunelab.data import Table
 from tunelab.errors import ConfigError, DataError
+from tunelab.models import load_tokenizer, quiet_transformers, resolve_model
 
 OPERATIONS = ("synonym", "insert", "swap", "delete")
 
@@ -138,8 +140,6 @@ class EmbeddingSynonyms:
         `tunelab.models.resolve_model(name)`. `kw` goes to `__init__` (k, min_similarity).
         """
         from transformers import AutoModel
-
-        from tunelab.models import load_tokenizer, quiet_transformers
 
         tokenizer = load_tokenizer(path)
         with quiet_transformers():
@@ -339,9 +339,6 @@ def options_from_config(config: Any) -> AugmentOptions:
 
 def augment_table(table: Any, config: Any) -> Any:
     """The training Table plus `data.augment.factor` augmented copies of every row."""
-    from tunelab.data import Table
-    from tunelab.models import resolve_model
-
     options = options_from_config(config)
     synonyms = None
     if options.p_synonym > 0 or options.p_insert > 0:

@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from tunelab.dist import load_sharded
+
 PREFIX = "step-"
 
 
@@ -97,8 +99,6 @@ def load_checkpoint(
     best = load_file(str(path / "best.safetensors")) if (path / "best.safetensors").is_file() else None
     saved = torch.load(path / "optimizer.pt", weights_only=False)
     if sharded:
-        from tunelab.dist import load_sharded
-
         best = load_sharded(model, optimizer, trainable, saved["optimizer"], best)
     else:
         params = dict(model.named_parameters())

@@ -31,8 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.config import GENERATIVE_TASKS, Config, load_config, save_config
+from tunelab.device import autocast, peak_rss_mb, pick_device, resolve_precision
 from tunelab.errors import ConfigError, TunelabError
+from tunelab.methods import METHODS
 from tunelab.metrics import higher_is_better
+from tunelab.models import load_tokenizer, resolve_model
+from tunelab.tasks import TASKS
 
 METHOD_ORDER = ["none", "full", "freeze", "lora", "adapter", "prefix", "prompt", "ia3"]
 LR_SWEEP = (1 / 3, 1.0, 3.0)  # factors of each method's default learning rate
@@ -92,8 +96,6 @@ def _dir_mb(path: Path) -> float:
 
 def metric_of(config: Config) -> tuple[str, bool]:
     """(the task's headline metric, whether higher is better)."""
-    from tunelab.tasks import TASKS
-
     metric = TASKS[config.task](config).default_metric
     return metric, higher_is_better(metric)
 
@@ -143,8 +145,6 @@ def compare(config_path: str | None, overrides: list[str], methods: list[str], s
 
 
 def _default_lr(method: str) -> float:
-    from tunelab.methods import METHODS
-
     return METHODS[method].DEFAULT_LR
 
 
@@ -220,9 +220,6 @@ def _fill(row: Row, result: dict[str, Any], metric: str) -> None:
 
 def no_training_baseline(config: Config) -> dict[str, Any]:
     """Scores of the no-training floor on the same validation/test rows training uses."""
-    from tunelab.device import peak_rss_mb
-    from tunelab.models import resolve_model
-
     if config.task in GENERATIVE_TASKS:
         scores, kind = _untuned_generative(config), "the un-tuned model"
     elif config.task == "token-classification":
@@ -258,8 +255,6 @@ def _tfidf(config: Config) -> dict[str, Any]:
             "the 'none' baseline for encoders needs scikit-learn: pip install 'tunelab[compare]'"
         ) from None
     import numpy as np
-
-    from tunelab.tasks import TASKS
 
     task = TASKS[config.task](config)
     train, validation, test = task.load_tables()
@@ -299,10 +294,6 @@ def _prompted_classifier(config: Config, shots_per_label: int = 1) -> dict[str, 
     label's summed log-likelihood as its score."""
     import numpy as np
     import torch
-
-    from tunelab.device import autocast, pick_device, resolve_precision
-    from tunelab.models import load_tokenizer, resolve_model
-    from tunelab.tasks import TASKS
 
     task = TASKS["classification"](config)
     train, validation, test = task.load_tables()
@@ -345,10 +336,6 @@ def _prompted_classifier(config: Config, shots_per_label: int = 1) -> dict[str, 
 
 
 def _untuned_generative(config: Config) -> dict[str, Any]:
-    from tunelab.device import pick_device, resolve_precision
-    from tunelab.models import load_tokenizer, resolve_model
-    from tunelab.tasks import TASKS
-
     task = TASKS[config.task](config)
     tokenizer = load_tokenizer(resolve_model(config.model))
     splits = task.load_splits(tokenizer)

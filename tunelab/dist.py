@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as torch_dist
 
+from tunelab.models import block_stacks
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -88,8 +90,6 @@ def shard_model(model: torch.nn.Module) -> None:
     """FSDP (FSDP2 `fully_shard`): every transformer block, then the rest, sharded over the
     processes; parameters become DTensors holding this process's shard."""
     from torch.distributed.fsdp import fully_shard
-
-    from tunelab.methods.common import block_stacks
 
     for _, blocks in block_stacks(model):
         for block in blocks:

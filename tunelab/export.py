@@ -23,6 +23,10 @@ from typing import Any
 import torch
 
 from tunelab.errors import TunelabError
+from tunelab.generation import stop_token_ids
+from tunelab.methods import METHODS
+from tunelab.models import resolve_model
+from tunelab.run import Run
 
 AUTO_CLASSES = {
     "classification": "AutoModelForSequenceClassification",
@@ -75,8 +79,6 @@ def export(run_dir: str | Path, out: str | Path, merge: bool, say: Any = print) 
         TunelabError: the method cannot be exported that way, the destination exists, or
             the reloaded export does not reproduce the run's outputs.
     """
-    from tunelab.run import Run
-
     out = Path(out)
     if out.exists():
         raise TunelabError(f"{out} already exists; choose another --out or remove it")
@@ -116,8 +118,6 @@ def export(run_dir: str | Path, out: str | Path, merge: bool, say: Any = print) 
 
 
 def _method(name: str) -> Any:
-    from tunelab.methods import METHODS
-
     return METHODS[name]
 
 
@@ -138,8 +138,6 @@ def _export_merged(run: Any, module: Any, tmp: Path, batch: dict[str, torch.Tens
 def _export_adapter(run: Any, tmp: Path, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
     from peft import PeftModel
 
-    from tunelab.models import resolve_model
-
     run.model.save_pretrained(tmp)
     run.tokenizer.save_pretrained(tmp)
     base_path = resolve_model(run.config.model)
@@ -153,8 +151,6 @@ def _export_adapter(run: Any, tmp: Path, batch: dict[str, torch.Tensor]) -> dict
 def _generation_config(run: Any, folder: Path) -> None:
     """Make plain `generate` stop where tunelab stops: at eos or the template's end of turn."""
     from transformers import GenerationConfig
-
-    from tunelab.generation import stop_token_ids
 
     try:
         config = GenerationConfig.from_pretrained(folder)
@@ -170,8 +166,6 @@ def _chat_check(run: Any, folder: Path) -> dict[str, Any]:
     if run.config.task != "causal-lm":
         return {}
     from transformers import AutoTokenizer
-
-    from tunelab.generation import stop_token_ids
 
     saved = AutoTokenizer.from_pretrained(folder)
     same_template = saved.chat_template == run.tokenizer.chat_template

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from tunelab.device import autocast
+
 # end-of-turn markers of common chat templates; each stops generation when the template uses it
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
 
@@ -64,8 +66,6 @@ def generate(
     answer starts right after its own prompt. A row stops early once its text contains one of
     the `stop` strings (which stay in the text; callers cut them off).
     """
-    from tunelab.device import autocast
-
     was_training = model.training
     model.eval()
     side = tokenizer.padding_side

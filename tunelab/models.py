@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from tunelab.errors import ConfigError
 
 # name -> (python package, folder or GGUF file inside it, pip install line, what it is)
@@ -149,3 +151,22 @@ def count_params(model: Any) -> tuple[int, int]:
         if p.requires_grad:
             trainable += p.numel()
     return trainable, total
+
+
+def block_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """Found by structure, not by architecture names: the block stack is the longest
+    `nn.ModuleList` whose children are all of one class (BERT `encoder.layer`, Llama
+    `model.layers`, GPT-2 `h`, ...). Every stack of repeated transformer blocks (one for encoders and decoders, two for
+    encoder-decoders), as (name, ModuleList), outermost first."""
+    stacks = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) >= 1:
+            kinds = {type(child) for child in module}
+            if len(kinds) == 1 and sum(p.numel() for p in module.parameters()) > 0:
+                stacks.append((name, module))
+    # drop lists nested inside another stack's blocks (e.g. T5Block.layer is mixed, but be safe)
+    outer = [(n, m) for n, m in stacks if not any(n.startswith(o + ".") for o, _ in stacks if o != n)]
+    if not outer:
+        raise ValueError(f"cannot find the transformer blocks of {type(model).__name__}")
+    biggest = max(len(m) for _, m in outer)
+    return [(n, m) for n, m in outer if len(m) == biggest]

@@ -44,8 +44,10 @@ from tunelab.dist import device_for, full_state, init_distributed, shutdown
 from tunelab.errors import ConfigError, Interrupted, TunelabError
 from tunelab.loop import fit
 from tunelab.methods import METHODS, plain_weights
+from tunelab.methods.common import merge_checked
 from tunelab.models import count_params, load_tokenizer, quiet_transformers, resolve_model
 from tunelab.tasks import TASKS
+from tunelab.tasks.generative import write_samples
 
 
 def seed_everything(seed: int) -> None:
@@ -62,7 +64,11 @@ def sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def environment(config: Config, device: torch.device, files: dict[str, str]) -> dict[str, Any]:
+def environment(
+    config: Config, device: torch.device, files: dict[str, str], speed_report: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The run's env.json: versions, device, threads, precision, seed, data hashes, git commit,
+    command, and what the speed layer did (`speed`)."""
     import peft
     import transformers
 
@@ -89,6 +95,7 @@ def environment(config: Config, device: torch.device, files: dict[str, str]) -> 
         "data_sha256": {split: sha256(path) for split, path in files.items()},
         "git_commit": commit,
         "command": sys.argv,
+        "speed": speed_report,
     }
 
 
@@ -106,8 +113,6 @@ def check_merge(
 ) -> dict[str, Any]:
     """Reload the saved model, merge it into plain weights and compare logits on up to 32
     examples: proof that the saved artifact merges correctly."""
-    from tunelab.methods.common import merge_checked
-
     method = METHODS[config.method]
     model = method.load(config, task, model_dir)
     batch = task.probe_batch(examples[:32], tokenizer.pad_token_id)
@@ -305,8 +310,9 @@ def load_inputs(config: Config) -> tuple[str, Any, Any, Any]:
 
 def build_model(config: Config, task: Any, method: Any, model_path: str, tokenizer: Any) -> torch.nn.Module:
     """The model a run trains: the pretrained model with its task head, set up for training
-    (gradient checkpointing), with the method applied and tunelab's exact speed-ups
-    (`train.fast_kernels`, undone by `speed.undo` before saving). Seeded, so every call
+    (gradient checkpointing), with the method applied and tunelab's speed-ups swapped in
+    (`train.fast_kernels`; `speed.report_for(model)` says which; undone by `speed.undo` before
+    saving). Seeded, so every call
     builds the same."""
     seed_everything(config.seed)
     model = task.build_model(model_path)
@@ -323,8 +329,7 @@ def build_model(config: Config, task: Any, method: Any, model_path: str, tokeniz
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = method.apply(model, config, task)
-    if config.train.fast_kernels:
-        speed.apply(model, task, cpu=not torch.cuda.is_available())
+    speed.apply(model, task, cpu=not torch.cuda.is_available(), enabled=config.train.fast_kernels)
     return model
 
 
@@ -367,13 +372,14 @@ def train_in_process(config: Config, resume: bool, overwrite: bool) -> Run:
           f"({100 * trainable / total:.2f}%), lr {lr:g}"
           + (f"; {dist.world} processes" if dist.active else "")
           + (f"; resuming from {checkpoint.name}" if checkpoint else ""))  # fmt: skip
+    speak(speed.report_for(model).line())
 
     tmp = partial_dir(out)
     device = device_for(dist) if dist.active else pick_device()
     if dist.is_main:
         tmp.mkdir(parents=True, exist_ok=True)
         save_config(config, tmp / "config.yaml")
-        write_json(tmp / "env.json", environment(config, device, splits.files))
+        write_json(tmp / "env.json", environment(config, device, splits.files, speed.report_for(model).as_dict()))
     done = json.loads((checkpoint / "state.json").read_text())["result"]["steps"] if checkpoint else 0
     try:
         with metrics_log(tmp / "metrics.jsonl", keep_until=done, enabled=dist.is_main) as log:
@@ -440,6 +446,8 @@ def finish_run(config: Config, task: Any, method: Any, model: torch.nn.Module, t
             report[name] = task.metrics(logits, getattr(splits, name))
     report["train"] = {**result.summary(), "peak_rss_mb": round(rss, 1), "trainable_params": trainable,
                        "total_params": total, "learning_rate": lr, "train_examples": len(splits.train)}  # fmt: skip
+    env = json.loads((tmp / "env.json").read_text())  # with the cache's outcome and the encoder's paths
+    write_json(tmp / "env.json", {**env, "speed": speed.report_for(model).as_dict()})
     speed.undo(model)
     method.save(model, tmp / "model")
     tokenizer.save_pretrained(tmp / "model")
@@ -469,8 +477,6 @@ def generative_report(run: Run, splits: dict[str, list[dict[str, Any]]], baselin
     splits named in `generate` (default: all); with `baseline`, the same for the un-tuned
     model under "baseline". The sample table of prompt / reference / generation (+ the
     un-tuned model's) goes to `folder/stem` (`stem-<split>` when several splits generate)."""
-    from tunelab.tasks.generative import write_samples
-
     task, tokenizer = run.task, run.tokenizer
     generate = set(splits) if generate is None else generate
     models = [("tuned", run.model)]

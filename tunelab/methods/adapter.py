@@ -8,7 +8,7 @@ so the adapted model computes exactly what the pretrained one does until trainin
 
 Written here because `peft` has no bottleneck adapter and AdapterHub's `adapters` pins
 transformers 4.x. It is model-agnostic: the blocks are found by structure (see
-`common.block_stacks`), and inside a block the FFN output projection is the linear layer that
+`models.block_stacks`), and inside a block the FFN output projection is the linear layer that
 maps a wider input back to the hidden size, the attention output projection the last
 hidden -> hidden linear layer before it. Adapters hook onto those layers with forward hooks,
 so the base model's own modules and parameter names stay untouched. Not mergeable (the
@@ -25,13 +25,13 @@ from torch import nn
 
 from tunelab.methods.common import (
     base_model,
-    block_stacks,
     freeze_all_but,
     head_names,
     hidden_size,
     load_trainable,
     save_trainable,
 )
+from tunelab.models import block_stacks
 
 DEFAULT_LR = 2e-3
 PLAIN_WEIGHTS = False  # the trained model holds an adapter: `merge` (where there is one) folds it in

@@ -1,9 +1,7 @@
 """What the methods share: finding a model's transformer blocks and its head, saving and
 loading only the parameters that trained, the `peft` plumbing, and the merge check.
 
-Blocks are found by structure, not by architecture names: the block stack is the longest
-`nn.ModuleList` whose children are all of one class (BERT `encoder.layer`, Llama
-`model.layers`, GPT-2 `h`, ...).
+Blocks are found by structure, not by architecture names (`tunelab.models.block_stacks`).
 """
 
 from __future__ import annotations
@@ -17,23 +15,6 @@ from torch import nn
 from tunelab.models import resolve_model
 
 TRAINED_FILE = "trained.safetensors"
-
-
-def block_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
-    """Every stack of repeated transformer blocks (one for encoders and decoders, two for
-    encoder-decoders), as (name, ModuleList), outermost first."""
-    stacks = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) >= 1:
-            kinds = {type(child) for child in module}
-            if len(kinds) == 1 and sum(p.numel() for p in module.parameters()) > 0:
-                stacks.append((name, module))
-    # drop lists nested inside another stack's blocks (e.g. T5Block.layer is mixed, but be safe)
-    outer = [(n, m) for n, m in stacks if not any(n.startswith(o + ".") for o, _ in stacks if o != n)]
-    if not outer:
-        raise ValueError(f"cannot find the transformer blocks of {type(model).__name__}")
-    biggest = max(len(m) for _, m in outer)
-    return [(n, m) for n, m in outer if len(m) == biggest]
 
 
 def hidden_size(model: nn.Module) -> int:

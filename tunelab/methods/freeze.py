@@ -12,7 +12,8 @@ from typing import Any
 
 from torch import nn
 
-from tunelab.methods.common import base_model, block_stacks, freeze_all_but, load_trainable, save_trainable
+from tunelab.methods.common import base_model, freeze_all_but, load_trainable, save_trainable
+from tunelab.models import block_stacks
 
 DEFAULT_LR = 1e-4
 PLAIN_WEIGHTS = True  # the trained layers are plain layers: `merge` returns the model as is

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from tunelab.config import Config, max_length
+from tunelab.console import say
 from tunelab.data import FORMATS, Table, is_missing, read_table
 from tunelab.errors import ConfigError, DataError
 from tunelab.tasks.base import Splits, split_and_encode
@@ -224,8 +225,6 @@ class CausalLMTask(GenerativeTask):
                 continue
             examples.append(example)
         if dropped:
-            from tunelab.console import say
-
             say(f"{table.path}: {dropped} example(s) dropped: the answer starts after data.max_length={limit} "
                 f"tokens")  # fmt: skip
         if not examples:

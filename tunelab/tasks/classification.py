@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tunelab.augment import augment_table
 from tunelab.config import Config, max_length
 from tunelab.data import Table, is_missing, read_table, require_columns, shots
 from tunelab.errors import DataError
@@ -174,7 +175,6 @@ class ClassificationTask(TaskBase):
         options = self.config.data.augment
         if options.method == "none":
             return table
-        from tunelab.augment import augment_table
 
         return augment_table(table, self.config)
 

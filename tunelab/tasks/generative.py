@@ -22,7 +22,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tunelab.device import autocast, to_device
 from tunelab.errors import DataError
+from tunelab.generation import generate, generation_kwargs
+from tunelab.metrics import generation_metrics
+from tunelab.models import resolve_model
 from tunelab.tasks.base import TaskBase
 
 IGNORE = -100  # label of positions without a target
@@ -127,8 +131,6 @@ class GenerativeTask(TaskBase):
     def outputs(self, model: torch.nn.Module, examples: list[dict[str, Any]], pad_id: int, batch_size: int,
                 device: torch.device, dtype: torch.dtype | None) -> list[np.ndarray]:  # fmt: skip
         """(summed negative log-likelihood, target count) of each example."""
-        from tunelab.device import autocast, to_device
-
         was_training = model.training
         model.eval()
         order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
@@ -174,8 +176,6 @@ class GenerativeTask(TaskBase):
                        progress: Any = None, options: Any = None, stop: tuple[str, ...] = ()) -> list[str]:  # fmt: skip
         """Decode with the run's `generation` settings, or `options` (a GenerationConfig) when given;
         each row stops at eos, end of turn, or any of the `stop` strings (which stay in the text)."""
-        from tunelab.generation import generate, generation_kwargs
-
         kwargs = generation_kwargs(options or self.config.generation, tokenizer, max_new_tokens)
         return generate(model, tokenizer, prompts, kwargs, device, dtype, encoder_decoder=not self.shift,
                         streamer=streamer, progress=progress, stop=stop)  # fmt: skip
@@ -188,8 +188,6 @@ class GenerativeTask(TaskBase):
     def score_generations(self, model: torch.nn.Module, tokenizer: Any, examples: list[dict[str, Any]],
                           device: torch.device, dtype: torch.dtype | None) -> tuple[dict[str, Any], list[str]]:  # fmt: skip
         """BLEU / ROUGE / exact match of the model's generations on `scored_rows(examples)`."""
-        from tunelab.metrics import generation_metrics
-
         rows = self.scored_rows(examples)
         if not rows:
             return {}, []
@@ -214,8 +212,6 @@ class GenerativeTask(TaskBase):
 
     def base_model(self) -> torch.nn.Module:
         """The un-tuned pretrained model, for the baseline rows of the report."""
-        from tunelab.models import resolve_model
-
         return self.build_model(resolve_model(self.config.model))
 
 
