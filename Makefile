@@ -31,9 +31,13 @@ quickstart: install
 	$(VENV)/bin/tunelab train examples/quickstart.yaml --overwrite
 	$(VENV)/bin/tunelab predict runs/quickstart "The battery died within an hour and support never replied."
 
+# ruff (style and lint), mypy (types, on the package), import-linter (the layers of
+# DESIGN.md and no import cycles; the contracts are in pyproject.toml)
 lint: install
 	$(VENV)/bin/ruff check tunelab tests benchmarks scripts
 	$(VENV)/bin/ruff format --check tunelab tests benchmarks scripts
+	$(VENV)/bin/mypy tunelab
+	$(VENV)/bin/lint-imports
 
 test: lint
 	$(PY) -m pytest -q
