@@ -363,3 +363,18 @@ def test_precision_is_checked_against_this_machine_at_load(monkeypatch):
     with pytest.raises(ConfigError, match=r"train.precision: this CPU has no fast bf16; use fp32 or auto"):
         load_config(precision="bf16")
     assert load_config(precision="auto").train.precision == "auto"
+
+
+def test_every_range_check_sits_with_its_field_and_names_key_value_and_rule():
+    from tunelab.config import field_checks
+
+    checks = {key: check for key, _, check in field_checks(load_config())}
+    assert len(checks) >= 38  # epochs, batch sizes, rates, lengths, sampling, method sizes ...
+    for key in ("train.epochs", "lora.rank", "data.validation_split", "generation.top_p", "data.augment.factor"):
+        assert key in checks
+    # each check rejects a value past its bound, with the key, the value and the rule in one line
+    for key, bad in (("train.warmup_ratio", 1.0), ("generation.top_p", 1.5), ("data.max_length", 1)):
+        with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: {bad!r} {re.escape(checks[key].rule)}$"):
+            load_config(overrides=[f"{key}={bad}"])
+    # None passes where the field allows it (null means "not set")
+    assert load_config(overrides=["train.max_steps=null"]).train.max_steps is None

@@ -17,6 +17,7 @@ import difflib
 import os
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -28,12 +29,33 @@ from tunelab.errors import ConfigError
 from tunelab.metrics import task_metrics
 
 
-def doc(text: str, default: Any = None, **kw: Any) -> Any:
-    """A dataclass field with a one-line description."""
+@dataclass(frozen=True)
+class Check:
+    """A rule a field's value must meet (None passes wherever the field allows None)."""
+
+    test: Callable[[Any], bool]
+    rule: str  # completes "<key>: <value> ...", e.g. "must be >= 1"
+
+
+def at_least(low: int) -> Check:
+    return Check(lambda v: v >= low, f"must be >= {low}")
+
+
+POSITIVE = Check(lambda v: v > 0, "must be > 0")
+SHARE = Check(lambda v: 0 <= v < 1, "must be in [0, 1)")
+OPEN_UNIT = Check(lambda v: 0 < v < 1, "must be in (0, 1)")
+UPPER_UNIT = Check(lambda v: 0 < v <= 1, "must be in (0, 1]")
+ROWS = Check(lambda v: v >= 1, "must be >= 1 (or null for all rows)")
+
+
+def doc(text: str, default: Any = None, check: Check | None = None, **kw: Any) -> Any:
+    """A dataclass field with a one-line description and, with `check`, the rule its value
+    must meet (checked by `validate` when the config is built)."""
+    metadata = {"doc": text, "check": check}
     if isinstance(default, (list, dict)):
         value = default
-        return field(default_factory=lambda: type(value)(value), metadata={"doc": text}, **kw)
-    return field(default=default, metadata={"doc": text}, **kw)
+        return field(default_factory=lambda: type(value)(value), metadata=metadata, **kw)
+    return field(default=default, metadata=metadata, **kw)
 
 
 @dataclass
@@ -41,7 +63,7 @@ class AugmentConfig:
     method: Literal["none", "eda"] = doc(
         "Augment training rows: `eda` = random deletion/swap/insertion/synonym replacement.", "none"
     )
-    factor: int = doc("Augmented copies per training row (the original is kept).", 2)
+    factor: int = doc("Augmented copies per training row (the original is kept).", 2, check=at_least(1))
     p_delete: float = doc("EDA: share of words deleted.", 0.1)
     p_swap: float = doc("EDA: share of words swapped.", 0.1)
     p_insert: float = doc("EDA: share of words inserted (synonyms of words in the text).", 0.1)
@@ -73,19 +95,24 @@ class DataConfig:
     tokens_column: str = doc("Token classification (JSON/JSONL): column with the list of words.", "tokens")
     tags_column: str = doc("Token classification (JSON/JSONL): column with the list of tags.", "tags")
     labels: list[str] | None = doc("Label names in order; default: sorted labels of the train file.")
-    max_train_samples: int | None = doc("Use at most this many training rows (seeded shuffle).")
-    max_eval_samples: int | None = doc("Use at most this many validation/test rows (seeded).")
-    validation_split: float = doc("Share of train held out when no validation file is given.", 0.1)
+    max_train_samples: int | None = doc("Use at most this many training rows (seeded shuffle).", check=ROWS)
+    max_eval_samples: int | None = doc("Use at most this many validation/test rows (seeded).", check=ROWS)
+    validation_split: float = doc(
+        "Share of train held out when no validation file is given.", 0.1, check=OPEN_UNIT
+    )
     pad_to_multiple_of: int = doc(
         "Round each classification batch's padded length up to a multiple of this: fewer distinct shapes "
         "(each new one costs kernel set-up time and cached memory on CPU), aligned sizes on GPU.",
         4,
+        check=at_least(1),
     )
     max_length: int | None = doc(
-        "Truncate inputs to this many tokens; default 128, and 512 for causal-lm and seq2seq."
+        "Truncate inputs to this many tokens; default 128, and 512 for causal-lm and seq2seq.",
+        check=at_least(2),
     )
     block_size: int | None = doc(
-        "causal-lm on plain text: cut the token stream into blocks of this many tokens; default: max_length."
+        "causal-lm on plain text: cut the token stream into blocks of this many tokens; default: max_length.",
+        check=at_least(2),
     )
     template: str = doc(
         "causal-lm chat template: `auto` (the tokenizer's, else a plain one), `plain`, or a Jinja file.",
@@ -100,27 +127,33 @@ class DataConfig:
     fill: dict[str, str] | None = doc("Replace `{{key}}` placeholders in the texts, e.g. data.fill.name=Ada.")
     source_column: str = doc("seq2seq: column holding the input text.", "source")
     target_column: str = doc("seq2seq: column holding the target text.", "target")
-    shots_per_class: int | None = doc("Few-shot: keep this many training rows per class (seeded).")
+    shots_per_class: int | None = doc(
+        "Few-shot: keep this many training rows per class (seeded).", check=at_least(1)
+    )
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass
 class TrainConfig:
-    epochs: float = doc("Passes over the training data (fractions allowed).", 3.0)
-    max_steps: int | None = doc("Stop after this many optimizer steps (overrides epochs).")
+    epochs: float = doc("Passes over the training data (fractions allowed).", 3.0, check=POSITIVE)
+    max_steps: int | None = doc("Stop after this many optimizer steps (overrides epochs).", check=at_least(1))
     max_minutes: float | None = doc(
-        "Stop training after this many minutes (a time budget); the best model so far is kept."
+        "Stop training after this many minutes (a time budget); the best model so far is kept.",
+        check=POSITIVE,
     )
     batch_size: int | None = doc(
-        "Examples per forward pass (per process); default 16, and 8 for causal-lm and seq2seq (long rows)."
+        "Examples per forward pass (per process); default 16, and 8 for causal-lm and seq2seq (long rows).",
+        check=at_least(1),
     )
-    gradient_accumulation: int = doc("Forward passes per optimizer step.", 1)
-    eval_batch_size: int = doc("Examples per forward pass at evaluation.", 128)
-    learning_rate: float | None = doc("Peak learning rate; default: the method's own (see docs/methods.md).")
+    gradient_accumulation: int = doc("Forward passes per optimizer step.", 1, check=at_least(1))
+    eval_batch_size: int = doc("Examples per forward pass at evaluation.", 128, check=at_least(1))
+    learning_rate: float | None = doc(
+        "Peak learning rate; default: the method's own (see docs/methods.md).", check=POSITIVE
+    )
     optimizer: Literal["adamw", "sgd"] = doc("Optimizer.", "adamw")
-    weight_decay: float = doc("Decoupled weight decay (never on biases and norms).", 0.01)
+    weight_decay: float = doc("Decoupled weight decay (never on biases and norms).", 0.01, check=at_least(0))
     schedule: Literal["linear", "cosine", "constant"] = doc("Decay after warmup.", "linear")
-    warmup_ratio: float = doc("Share of steps spent warming up the learning rate.", 0.1)
+    warmup_ratio: float = doc("Share of steps spent warming up the learning rate.", 0.1, check=SHARE)
     max_grad_norm: float | None = doc("Clip gradients to this global norm; null turns it off.", 1.0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = doc(
         "Compute precision; `auto` uses bf16 autocast on a GPU with bf16, and on a CPU whose bf16 matrix "
@@ -132,8 +165,10 @@ class TrainConfig:
         False,
     )
     fast_kernels: bool = doc(
-        "tunelab's exact CPU speed-ups: cheap dropout masks, eager attention on short rows, and the last "
-        "layer computing only the position a classifier reads; false: the model's own code.",
+        "tunelab's CPU speed-ups (modules swapped in; env.json's `speed` says which applied): padding left "
+        "out of BERT-family encoders, the last layer computing only the position a classifier reads, eager "
+        "attention on short rows, fused LoRA and frozen-linear products (all exact to float rounding), and "
+        "cheaper dropout masks (the same drop rate, other random numbers); false: the model's own code.",
         True,
     )
     cache_frozen_layers: bool = doc(
@@ -142,18 +177,24 @@ class TrainConfig:
         True,
     )
     length_bucketing: bool = doc("Batch examples of similar length (shuffled buckets) to cut padding.", True)
-    eval_steps: int | None = doc("Evaluate every N optimizer steps (besides each epoch).")
+    eval_steps: int | None = doc("Evaluate every N optimizer steps (besides each epoch).", check=at_least(1))
     eval_each_epoch: bool = doc("Evaluate on validation at the end of every epoch.", True)
     metric_for_best: str = doc("Validation metric that picks the best model; `auto`: the task's.", "auto")
     early_stopping_patience: int | None = doc(
-        "Stop after this many evaluations without improvement; null: never stop early."
+        "Stop after this many evaluations without improvement; null: never stop early.", check=at_least(1)
     )
-    log_steps: int = doc("Write training loss to metrics.jsonl every N optimizer steps.", 10)
-    num_threads: int | None = doc("CPU threads for torch; default: torch's choice.")
+    log_steps: int = doc(
+        "Write training loss to metrics.jsonl every N optimizer steps.", 10, check=at_least(1)
+    )
+    num_threads: int | None = doc("CPU threads for torch; default: torch's choice.", check=at_least(1))
     checkpoint_steps: int | None = doc(
-        "Save a resumable checkpoint every N steps (and at each epoch end); null: epoch ends only.", 500
+        "Save a resumable checkpoint every N steps (and at each epoch end); null: epoch ends only.",
+        500,
+        check=at_least(1),
     )
-    keep_checkpoints: int = doc("How many checkpoints to keep while training (they go when it ends).", 2)
+    keep_checkpoints: int = doc(
+        "How many checkpoints to keep while training (they go when it ends).", 2, check=at_least(1)
+    )
     distributed: Literal["ddp", "fsdp"] = doc(
         "With several processes: `ddp` replicates the model; `fsdp` shards it (models that don't fit).", "ddp"
     )
@@ -167,7 +208,9 @@ class TrainConfig:
 @dataclass
 class ClassificationConfig:
     multi_label: bool = doc("Each row may carry any number of labels (a list, or separated text).", False)
-    threshold: float | None = doc("Multi-label decision threshold; null: tuned on validation.")
+    threshold: float | None = doc(
+        "Multi-label decision threshold; null: tuned on validation.", check=OPEN_UNIT
+    )
 
 
 @dataclass
@@ -181,15 +224,17 @@ class FullConfig:
 
 @dataclass
 class FreezeConfig:
-    trainable_layers: int = doc("How many of the top transformer layers train (with the head).", 2)
+    trainable_layers: int = doc(
+        "How many of the top transformer layers train (with the head).", 2, check=at_least(0)
+    )
     train_embeddings: bool = doc("Also train the input embeddings.", False)
 
 
 @dataclass
 class LoraConfig:
-    rank: int = doc("Rank of the low-rank update.", 16)
-    alpha: float = doc("Scaling numerator: the update is scaled by alpha / rank.", 32.0)
-    dropout: float = doc("Dropout on the LoRA input.", 0.0)
+    rank: int = doc("Rank of the low-rank update.", 16, check=at_least(1))
+    alpha: float = doc("Scaling numerator: the update is scaled by alpha / rank.", 32.0, check=POSITIVE)
+    dropout: float = doc("Dropout on the LoRA input.", 0.0, check=SHARE)
     target_modules: list[str] | str = doc(
         "Linear layers to adapt: names, `all-linear`, or `auto` (attention + FFN).", "auto"
     )
@@ -199,7 +244,7 @@ class LoraConfig:
 
 @dataclass
 class AdapterConfig:
-    reduction_factor: int = doc("Bottleneck width = hidden size / reduction_factor.", 16)
+    reduction_factor: int = doc("Bottleneck width = hidden size / reduction_factor.", 16, check=at_least(1))
     placement: Literal["houlsby", "pfeiffer"] = doc(
         "houlsby: after attention and FFN; pfeiffer: after FFN only.", "houlsby"
     )
@@ -207,13 +252,15 @@ class AdapterConfig:
 
 @dataclass
 class PrefixConfig:
-    num_virtual_tokens: int = doc("Prefix length: key/value vectors added to every layer.", 20)
+    num_virtual_tokens: int = doc(
+        "Prefix length: key/value vectors added to every layer.", 20, check=at_least(1)
+    )
     projection: bool = doc("Reparameterise the prefix through a 2-layer MLP (Li & Liang, 2021).", False)
 
 
 @dataclass
 class PromptConfig:
-    num_virtual_tokens: int = doc("Soft prompt length, in embedding vectors.", 20)
+    num_virtual_tokens: int = doc("Soft prompt length, in embedding vectors.", 20, check=at_least(1))
     init_text: str | None = doc("Initialise the soft prompt from this text's token embeddings.")
 
 
@@ -226,17 +273,23 @@ class Ia3Config:
 
 @dataclass
 class GenerationConfig:
-    max_new_tokens: int = doc("Longest answer generated by predict, chat and serve, in tokens.", 256)
+    max_new_tokens: int = doc(
+        "Longest answer generated by predict, chat and serve, in tokens.", 256, check=at_least(1)
+    )
     do_sample: bool = doc("Sample instead of greedy decoding.", False)
-    temperature: float = doc("Sampling temperature (with do_sample).", 0.7)
-    top_p: float = doc("Nucleus sampling: keep the smallest set of tokens with this total probability.", 0.9)
-    top_k: int = doc("Sample among the k most likely tokens; 0 turns it off.", 50)
-    repetition_penalty: float = doc("Penalise tokens already generated (1.0: none).", 1.0)
+    temperature: float = doc("Sampling temperature (with do_sample).", 0.7, check=POSITIVE)
+    top_p: float = doc(
+        "Nucleus sampling: keep the smallest set of tokens with this total probability.",
+        0.9,
+        check=UPPER_UNIT,
+    )
+    top_k: int = doc("Sample among the k most likely tokens; 0 turns it off.", 50, check=at_least(0))
+    repetition_penalty: float = doc("Penalise tokens already generated (1.0: none).", 1.0, check=POSITIVE)
     system: str | None = doc("System prompt for predict and chat; default: the one used in training.")
     eval_samples: int = doc(
-        "Rows per eval split that are generated for BLEU/ROUGE/exact match (0: off).", 100
+        "Rows per eval split that are generated for BLEU/ROUGE/exact match (0: off).", 100, check=at_least(0)
     )
-    eval_max_new_tokens: int = doc("Longest generation when scoring eval rows.", 128)
+    eval_max_new_tokens: int = doc("Longest generation when scoring eval rows.", 128, check=at_least(1))
     compare_base: bool = doc("Also score the un-tuned model on the same rows (eval.json `baseline`).", True)
 
 
@@ -446,89 +499,26 @@ def load_config(
 
 
 def validate(config: Config) -> None:
-    """Value checks beyond types. Raises ConfigError naming the key and the valid range."""
-    checks = [
-        ("train.epochs", config.train.epochs > 0, "must be > 0"),
-        ("train.batch_size", config.train.batch_size is None or config.train.batch_size >= 1, "must be >= 1"),
-        ("train.eval_batch_size", config.train.eval_batch_size >= 1, "must be >= 1"),
-        ("train.gradient_accumulation", config.train.gradient_accumulation >= 1, "must be >= 1"),
-        (
-            "train.learning_rate",
-            config.train.learning_rate is None or config.train.learning_rate > 0,
-            "must be > 0",
-        ),
-        ("train.warmup_ratio", 0 <= config.train.warmup_ratio < 1, "must be in [0, 1)"),
-        ("train.weight_decay", config.train.weight_decay >= 0, "must be >= 0"),
-        ("train.max_steps", config.train.max_steps is None or config.train.max_steps >= 1, "must be >= 1"),
-        (
-            "train.max_minutes",
-            config.train.max_minutes is None or config.train.max_minutes > 0,
-            "must be > 0",
-        ),
-        ("train.log_steps", config.train.log_steps >= 1, "must be >= 1"),
-        ("train.eval_steps", config.train.eval_steps is None or config.train.eval_steps >= 1, "must be >= 1"),
-        (
-            "train.checkpoint_steps",
-            config.train.checkpoint_steps is None or config.train.checkpoint_steps >= 1,
-            "must be >= 1",
-        ),
-        ("train.keep_checkpoints", config.train.keep_checkpoints >= 1, "must be >= 1"),
-        ("data.validation_split", 0 < config.data.validation_split < 1, "must be in (0, 1)"),
-        ("data.max_length", config.data.max_length is None or config.data.max_length >= 2, "must be >= 2"),
-        ("data.block_size", config.data.block_size is None or config.data.block_size >= 2, "must be >= 2"),
-        ("generation.max_new_tokens", config.generation.max_new_tokens >= 1, "must be >= 1"),
-        ("generation.eval_max_new_tokens", config.generation.eval_max_new_tokens >= 1, "must be >= 1"),
-        ("generation.eval_samples", config.generation.eval_samples >= 0, "must be >= 0"),
-        ("generation.temperature", config.generation.temperature > 0, "must be > 0"),
-        ("generation.top_p", 0 < config.generation.top_p <= 1, "must be in (0, 1]"),
-        ("generation.top_k", config.generation.top_k >= 0, "must be >= 0"),
-        ("generation.repetition_penalty", config.generation.repetition_penalty > 0, "must be > 0"),
-        (
-            "data.shots_per_class",
-            config.data.shots_per_class is None or config.data.shots_per_class >= 1,
-            "must be >= 1",
-        ),
-        ("data.augment.factor", config.data.augment.factor >= 1, "must be >= 1"),
-        (
-            "classification.threshold",
-            config.classification.threshold is None or 0 < config.classification.threshold < 1,
-            "must be in (0, 1)",
-        ),
-        (
-            "data.max_train_samples",
-            config.data.max_train_samples is None or config.data.max_train_samples >= 1,
-            "must be >= 1 (or null for all rows)",
-        ),
-        (
-            "data.max_eval_samples",
-            config.data.max_eval_samples is None or config.data.max_eval_samples >= 1,
-            "must be >= 1 (or null for all rows)",
-        ),
-        ("lora.rank", config.lora.rank >= 1, "must be >= 1"),
-        ("data.pad_to_multiple_of", config.data.pad_to_multiple_of >= 1, "must be >= 1"),
-        ("lora.alpha", config.lora.alpha > 0, "must be > 0"),
-        (
-            "train.num_threads",
-            config.train.num_threads is None or config.train.num_threads >= 1,
-            "must be >= 1",
-        ),
-        (
-            "train.early_stopping_patience",
-            config.train.early_stopping_patience is None or config.train.early_stopping_patience >= 1,
-            "must be >= 1",
-        ),
-        ("lora.dropout", 0 <= config.lora.dropout < 1, "must be in [0, 1)"),
-        ("freeze.trainable_layers", config.freeze.trainable_layers >= 0, "must be >= 0"),
-        ("adapter.reduction_factor", config.adapter.reduction_factor >= 1, "must be >= 1"),
-        ("prefix.num_virtual_tokens", config.prefix.num_virtual_tokens >= 1, "must be >= 1"),
-        ("prompt.num_virtual_tokens", config.prompt.num_virtual_tokens >= 1, "must be >= 1"),
-    ]
-    for key, ok, rule in checks:
-        if not ok:
-            value = _get_dotted(config, key)
-            raise ConfigError(f"{key}: {value!r} {rule}")
+    """Value checks beyond types: each field's own `check` (declared with the field), then
+    the checks that span fields or need the machine. Raises ConfigError naming the key, the
+    value and the valid range."""
+    for key, value, check in field_checks(config):
+        if value is not None and not check.test(value):
+            raise ConfigError(f"{key}: {value!r} {check.rule}")
     check_metric(config)
     check_precision(config.train.precision)
+
+
+def field_checks(section: Any, prefix: str = "") -> list[tuple[str, Any, Check]]:
+    """(dotted key, value, check) for every field of `section` and its sub-sections that declares a check."""
+    found = []
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            found += field_checks(value, f"{prefix}{f.name}.")
+        elif f.metadata.get("check") is not None:
+            found.append((prefix + f.name, value, f.metadata["check"]))
+    return found
 
 
 def check_metric(config: Config) -> None:
@@ -565,12 +555,6 @@ def batch_size(config: Config) -> int:
     if config.train.batch_size is not None:
         return config.train.batch_size
     return 8 if config.task in GENERATIVE_TASKS else 16
-
-
-def _get_dotted(config: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        config = getattr(config, part)
-    return config
 
 
 def to_dict(config: Config) -> dict[str, Any]:
