@@ -370,7 +370,13 @@ def test_every_range_check_sits_with_its_field_and_names_key_value_and_rule():
 
     checks = {key: check for key, _, check in field_checks(load_config())}
     assert len(checks) >= 38  # epochs, batch sizes, rates, lengths, sampling, method sizes ...
-    for key in ("train.epochs", "lora.rank", "data.validation_split", "generation.top_p", "data.augment.factor"):
+    for key in (
+        "train.epochs",
+        "lora.rank",
+        "data.validation_split",
+        "generation.top_p",
+        "data.augment.factor",
+    ):
         assert key in checks
     # each check rejects a value past its bound, with the key, the value and the rule in one line
     for key, bad in (("train.warmup_ratio", 1.0), ("generation.top_p", 1.5), ("data.max_length", 1)):

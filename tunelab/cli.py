@@ -7,12 +7,15 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from tunelab.errors import Interrupted, TunelabError
+from tunelab.serve.limits import Limits
+from tunelab.serve.limits import flag as limit_flag
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -207,13 +210,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from tunelab.serve import Limits, serve
+    limits = Limits(**{limit.name: getattr(args, limit.name) for limit in dataclasses.fields(Limits)})
+    from tunelab.serve import serve  # FastAPI and uvicorn are optional: a one-line hint when missing
 
-    limits = Limits(max_batch=args.max_batch, max_input_tokens=args.max_input_tokens, max_tokens=args.max_tokens,
-                    batch_wait_ms=args.batch_wait_ms)  # fmt: skip
-    for name in ("max_batch", "max_input_tokens", "max_tokens"):
-        if getattr(limits, name) < 1:
-            raise TunelabError(f"--{name.replace('_', '-')} must be >= 1")
     serve(args.run, host=args.host, port=args.port, api_key=args.api_key, limits=limits)
     return 0
 
@@ -232,7 +231,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
-    from tunelab.estimate import estimate
+    from tunelab.estimator import estimate
 
     config, overrides = None, list(args.overrides)
     if overrides and "=" not in overrides[0]:
@@ -385,14 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set TUNELAB_API_KEY)")
-    p.add_argument("--max-batch", type=int, default=64, help="most inputs in one request")
-    p.add_argument(
-        "--max-input-tokens", type=int, default=1024, help="longest input (chat: the rendered prompt)"
-    )
-    p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
-    p.add_argument(
-        "--batch-wait-ms", type=float, default=10.0, help="window for gathering requests into one model call"
-    )
+    for limit in dataclasses.fields(Limits):  # defaults and help are written once, in Limits
+        p.add_argument(limit_flag(limit.name), type=type(limit.default), default=limit.default,
+                       help=f"{limit.metadata['help']} (default %(default)s)")  # fmt: skip
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("augment", help="write the augmented training data to a file for inspection",

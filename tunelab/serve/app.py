@@ -1,0 +1,136 @@
+"""The `tunelab serve` application: `create_app` puts the routes, the error handlers and the model
+worker together into a FastAPI app; `serve` loads a model and runs the app under uvicorn.
+
+The worker's thread lives exactly as long as the app: the lifespan starts it and, on shutdown,
+joins it. Every refused request, whatever refused it (FastAPI's validation, routing, a handler),
+is answered with the OpenAI-style error body.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tunelab.serve.limits import Limits
+from tunelab.serve.loading import load_served
+from tunelab.serve.routes import Served, router
+from tunelab.serve.schemas import APIError, error_body
+from tunelab.serve.worker import ServedRun, Worker, WorkerStopped
+
+# uvicorn's own default (5 s) equals the idle expiry of httpx's connection pool (which the openai
+# client uses): a client may then send a request on a connection the server is closing at that
+# moment and get "Server disconnected". Idle connections are kept longer than the 60 s of common
+# load balancers and proxies too, so that the side in front always closes first.
+KEEP_ALIVE_S = 75
+# On SIGTERM uvicorn waits for open requests, by default forever: a streaming client could hold a
+# stop indefinitely. Orchestrators kill after 30 s (Kubernetes' default grace period): 15 s for
+# open requests plus at most JOIN_TIMEOUT_S (10 s) for the worker's model call stay within it.
+GRACEFUL_SHUTDOWN_S = 15
+
+
+async def on_api_error(request: Request, error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), error.status)
+
+
+async def on_invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+    """FastAPI's validation errors, as one message naming the field (`messages.0.role: ...`)."""
+    first = error.errors()[0]
+    if first.get("type") == "json_invalid":
+        reason = (first.get("ctx") or {}).get("error", "")
+        message = f"the request body is not valid JSON ({reason}); send a JSON object"
+        return JSONResponse(error_body(message, "invalid_request_error"), 400)
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    message = f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
+    return JSONResponse(error_body(message, "invalid_request_error", where or None), 400)
+
+
+async def on_http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    """Routing errors (an unknown path, a wrong method) in the same shape as every other error."""
+    kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+    return JSONResponse(error_body(str(error.detail), kind), error.status_code)
+
+
+async def on_worker_stopped(request: Request, error: WorkerStopped) -> JSONResponse:
+    return JSONResponse(error_body(f"{error}; retry", "server_error"), 503)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Run the model worker while the app runs; on shutdown, join its thread."""
+    worker: Worker = app.state.served.worker
+    worker.start()
+    try:
+        yield
+    finally:
+        worker.stop()
+
+
+def create_app(
+    run: ServedRun, api_key: str | None = None, limits: Limits | None = None, name: str | None = None
+) -> FastAPI:
+    """The FastAPI application serving `run` (a loaded run or exported folder).
+
+    Args:
+        run: what `load_served` returns.
+        api_key: when set, every endpoint but `/health` and `/` needs `Authorization: Bearer KEY`.
+        limits: request limits and batching (default `Limits()`).
+        name: the model id the API reports (default: the folder's name).
+    """
+    limits = limits or Limits()
+    app = FastAPI(
+        title="tunelab",
+        docs_url=None,
+        redoc_url=None,
+        lifespan=lifespan,
+        exception_handlers={
+            APIError: on_api_error,
+            RequestValidationError: on_invalid_request,
+            StarletteHTTPException: on_http_error,
+            WorkerStopped: on_worker_stopped,
+        },
+    )
+    app.state.served = Served(run, Worker(run, limits), limits, name or Path(run.path).name, api_key)
+    app.include_router(router)
+    return app
+
+
+def serve(
+    path: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    limits: Limits | None = None,
+) -> None:
+    """Load the model at `path` (a run or an exported folder) and serve it until interrupted.
+
+    Raises:
+        TunelabError: `path` holds nothing servable.
+    """
+    limits = limits or Limits()
+    api_key = api_key or os.environ.get("TUNELAB_API_KEY") or None
+    run = load_served(path)
+    app = create_app(run, api_key, limits)
+    print(
+        f"tunelab: serving {path} ({run.config.task}) on http://{host}:{port}"
+        + (" (API key required)" if api_key else ""),
+        flush=True,
+    )
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        timeout_keep_alive=KEEP_ALIVE_S,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        # past this many open connections uvicorn answers 503 at once, instead of queueing requests
+        # without bound or failing to accept once the process runs out of file descriptors
+        limit_concurrency=limits.max_connections,
+    )
