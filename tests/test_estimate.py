@@ -15,7 +15,7 @@ import pytest
 
 import tunelab
 from tunelab.cli import main
-from tunelab.estimate import MethodEstimate, Step, fit_line, memory_steps, predict, probe_rows
+from tunelab.estimator import MethodEstimate, Step, fit_line, memory_steps, predict, probe_rows
 
 from .conftest import FILLER, NEGATIVE, POSITIVE, write_csv, write_tiny_llama, write_tiny_seq2seq
 
@@ -113,11 +113,11 @@ def test_freeze_cache_pass_is_predicted_from_a_sample(setting):
 def test_no_cache_pass_is_predicted_when_the_cache_would_not_fit(setting, monkeypatch):
     import torch
 
-    from tunelab import speed
     from tunelab.config import load_config
-    from tunelab.estimate import time_cache_pass
+    from tunelab.estimator import time_cache_pass
     from tunelab.methods import METHODS
     from tunelab.run import build_model, load_inputs
+    from tunelab.speed import cache as speed_cache
 
     _, overrides = setting
     config = load_config(None, [*overrides, "method=freeze", "freeze.trainable_layers=1"])
@@ -125,7 +125,7 @@ def test_no_cache_pass_is_predicted_when_the_cache_would_not_fit(setting, monkey
     model = build_model(config, task, METHODS["freeze"], path, tokenizer)
     args = (model, splits.train, task, tokenizer.pad_token_id, config, torch.device("cpu"))
     assert time_cache_pass(*args) > 0
-    monkeypatch.setattr(speed, "CACHE_BUDGET_MB", 0.01)  # the training run would skip the cache
+    monkeypatch.setattr(speed_cache, "CACHE_BUDGET_MB", 0.01)  # the training run would skip the cache
     assert time_cache_pass(*args) is None
 
 
@@ -266,3 +266,13 @@ def test_new_shapes_cost_what_the_memory_steps_show_and_the_first_pass_counts_on
     # without memory steps, the first pass's fresh steps give the new-shape cost, as before
     predict(row, {**outcome, "memory_step_times": []}, plan, eval_scale=1.0)
     assert row.new_shape_s == pytest.approx(0.0) and row.warmup_s == pytest.approx(1.2)
+
+
+def test_estimate_is_a_plain_function_and_the_probe_a_module_entry_point():
+    import inspect
+
+    import tunelab.estimator
+
+    assert inspect.isfunction(tunelab.estimate) and tunelab.estimate is tunelab.estimator.estimate
+    done = subprocess.run([sys.executable, "-m", "tunelab.estimator"], capture_output=True, text=True)
+    assert done.returncode == 2 and "usage: python -m tunelab.estimator --probe SPEC.json" in done.stderr

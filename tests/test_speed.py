@@ -1,9 +1,9 @@
-"""tunelab's exact speed-ups compute what the model's own code computes."""
+"""tunelab's speed-ups compute what the model's own code computes, as wrapper modules that
+keep the model's parameter names, report what applied, and go back on `undo`."""
 
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
@@ -12,10 +12,9 @@ from tunelab import speed
 from tunelab.config import load_config
 from tunelab.methods import METHODS
 from tunelab.models import load_tokenizer
-from tunelab.run import build_model, train
+from tunelab.run import build_model
+from tunelab.speed import encoder as speed_encoder
 from tunelab.tasks import TASKS
-
-from .conftest import write_tiny_bert
 
 
 def test_fast_dropout_rate_scale_and_gradient():
@@ -66,14 +65,18 @@ def _classifier(tiny_bert, dropout_free):
 
 def _count_packed_layers(monkeypatch):
     calls = []
-    real = speed._packed_layer
+    real = speed_encoder.packed_layer
 
     def counted(layer, x, *args):
         calls.append(x.shape[0])  # the packed rows the layer saw
         return real(layer, x, *args)
 
-    monkeypatch.setattr(speed, "_packed_layer", counted)
+    monkeypatch.setattr(speed_encoder, "packed_layer", counted)
     return calls
+
+
+def _types(model):
+    return {name: type(module) for name, module in model.named_modules()}
 
 
 @pytest.mark.parametrize("method", ["full", "lora", "prompt", "prefix"])
@@ -87,8 +90,12 @@ def test_cpu_attention_and_first_token_layer_match_the_model(tiny_bert, method, 
     task.labels = ["a", "b", "c"]
     reference = METHODS[method].apply(_classifier(tiny_bert, dropout_free=True), config, task)
     patched = copy.deepcopy(reference)
-    speed.apply(patched, task, cpu=True)
-    assert speed.first_token_last_layer(patched, task) is not None
+    types, keys = _types(patched), list(patched.state_dict())
+    report = speed.apply(patched, task, cpu=True)
+    assert report.has(speed.FIRST_TOKEN) and report.has(speed.PACKED) and report.has(speed.ATTENTION)
+    assert report.applied[speed.FIRST_TOKEN][0].endswith("encoder.layer.1")
+    assert list(patched.state_dict()) == keys  # the same parameter names while swapped
+    assert not isinstance(patched, speed.StandIn)
     for model in (reference, patched):
         model.train()
         model(**batch).logits.pow(2).sum().backward()
@@ -102,6 +109,7 @@ def test_cpu_attention_and_first_token_layer_match_the_model(tiny_bert, method, 
     )  # 20 virtual tokens a row
     rows = -(-real // speed.PACK_ROWS) * speed.PACK_ROWS  # rounded up with filler rows
     assert packed == ([] if method == "prefix" else [rows] * 2 * 2)  # 2 layers x 2 training forwards
+    assert report.as_dict()["encoder_calls"].get("packed", 0) == (0 if method == "prefix" else 2)
     # evaluation keeps the padded layout: the model's own first layer, then the first-token layer
     reference.eval(), patched.eval()
     with torch.no_grad():
@@ -112,6 +120,9 @@ def test_cpu_attention_and_first_token_layer_match_the_model(tiny_bert, method, 
     )
     assert patched.config._attn_implementation == reference.config._attn_implementation
     assert not hasattr(patched.config, "tunelab_attention")
+    assert _types(patched) == types and list(patched.state_dict()) == keys
+    with torch.no_grad():
+        assert torch.allclose(reference(**batch).logits, patched(**batch).logits, atol=1e-5)
 
 
 def test_packed_encoder_gives_token_classifiers_every_position(tiny_bert, monkeypatch):
@@ -131,7 +142,8 @@ def test_packed_encoder_gives_token_classifiers_every_position(tiny_bert, monkey
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     patched = copy.deepcopy(reference)
-    speed.apply(patched, task, cpu=True)
+    report = speed.apply(patched, task, cpu=True)
+    assert report.has(speed.PACKED) and not report.has(speed.FIRST_TOKEN)
     real = batch["attention_mask"].bool()
     outputs = []
     for model in (reference, patched):
@@ -148,6 +160,7 @@ def test_packed_encoder_gives_token_classifiers_every_position(tiny_bert, monkey
     with torch.no_grad():
         assert torch.allclose(reference.eval()(**batch).logits, patched(**batch).logits, atol=1e-5)
     assert len(packed) == 2
+    assert report.paths == {"packed": 1, "model's own": 1}
 
 
 def test_hooks_inside_a_layer_keep_the_models_own_path(tiny_bert, monkeypatch):
@@ -178,7 +191,10 @@ def test_first_token_layer_only_for_classifiers_reading_the_first_position(tiny_
     task = TASKS["token-classification"](config)
     task.labels = ["O", "B-X"]
     model = task.build_model(str(tiny_bert))
-    assert speed.first_token_last_layer(model, task) is None
+    report = speed.apply(model, task, cpu=True)
+    assert not report.has(speed.FIRST_TOKEN)
+    assert report.skipped[speed.FIRST_TOKEN] == "the token-classification task reads every position"
+    assert "first-token last layer: the token-classification task reads every position" in report.line()
 
 
 def test_full_keeps_the_word_embeddings_frozen_unless_asked(tiny_bert, sentiment_files):
@@ -193,37 +209,83 @@ def test_full_keeps_the_word_embeddings_frozen_unless_asked(tiny_bert, sentiment
     assert everything - default == {"bert.embeddings.word_embeddings.weight"}
 
 
-def _freeze_run(tmp_path, folder, files, fast):
-    run = train(
-        model=str(folder), method="freeze", train=str(files["train"]), validation=str(files["validation"]),
-        output_dir=str(tmp_path / f"run-{fast}"), progress_bar=False, precision="fp32",
-        overrides=["freeze.trainable_layers=1", "train.epochs=2", f"train.fast_kernels={str(fast).lower()}"],
-    )  # fmt: skip
-    return run, json.loads((run.path / "eval.json").read_text())
+@pytest.mark.parametrize("method", ["lora", "freeze"])
+def test_other_architectures_get_what_applies_and_the_report_says_why_not_the_rest(tmp_path, method):
+    """A Llama classifier (bias-free linears, grouped-query attention): the dropout, linear and
+    attention speed-ups apply and compute what the model does; the BERT-only ones say why not."""
+    from .conftest import write_tiny_llama
 
-
-def test_frozen_layer_cache_trains_the_same_model(tmp_path, sentiment_files):
-    """Without dropout the frozen layers compute the same in train and eval mode, so caching
-    their outputs must give the same trained model as running them every step."""
-    folder = write_tiny_bert(tmp_path / "bert3", layers=3, dropout=0.0)
-    slow, slow_report = _freeze_run(tmp_path, folder, sentiment_files, fast=False)
-    fast, fast_report = _freeze_run(tmp_path, folder, sentiment_files, fast=True)
-    trained = {n: p for n, p in slow.model.named_parameters() if p.requires_grad}
-    assert trained and {n for n, p in fast.model.named_parameters() if p.requires_grad} == set(trained)
-    for name, p in fast.model.named_parameters():
-        if name in trained:
-            assert torch.allclose(p, trained[name], atol=1e-4), name
-    assert fast_report["validation"]["accuracy"] == slow_report["validation"]["accuracy"]
-    saved = json.loads((fast.path / "model" / "config.json").read_text())
-    assert "tunelab_attention" not in saved
-
-
-def test_frozen_layer_cache_applies_only_to_frozen_lower_layers(tiny_bert, sentiment_files):
-    config = load_config(model=str(tiny_bert), method="lora", train=str(sentiment_files["train"]))
-    tokenizer = load_tokenizer(str(tiny_bert))
+    folder = write_tiny_llama(tmp_path / "llama")
+    tokenizer = load_tokenizer(str(folder))
+    batch = tokenizer(["good movie", "the plot was very dull and the acting so bad"], padding=True,
+                      return_tensors="pt")  # fmt: skip
+    config = load_config(model=str(folder), method=method, overrides=["freeze.trainable_layers=1"])
     task = TASKS["classification"](config)
-    splits = task.load_splits(tokenizer)
-    model = build_model(config, task, METHODS["lora"], str(tiny_bert), tokenizer)
-    cache = speed.FrozenCache.build(model, splits.train, task.collate, 0, 64, torch.device("cpu"),
-                                    torch.no_grad)  # fmt: skip
-    assert cache is None  # LoRA trains inside every block: nothing below is fixed
+    task.labels = ["a", "b"]
+    torch.manual_seed(0)
+    reference = METHODS[method].apply(task.build_model(str(folder)), config, task)
+    reference.config.pad_token_id = tokenizer.pad_token_id
+    patched = copy.deepcopy(reference)
+    types, keys = _types(patched), list(patched.state_dict())
+    report = speed.apply(patched, task, cpu=True)
+    assert report.skipped[speed.PACKED].startswith("model type llama is not BERT-family (bert, ")
+    assert report.skipped[speed.FIRST_TOKEN] == report.skipped[speed.PACKED]
+    assert report.has(speed.ATTENTION) and report.has(speed.FROZEN_LINEAR)
+    assert report.has(speed.LORA_LINEAR) == (method == "lora")
+    assert list(patched.state_dict()) == keys
+    for model in (reference, patched):
+        model.train()
+        model(**batch).logits.pow(2).sum().backward()
+    assert torch.allclose(reference(**batch).logits, patched(**batch).logits, atol=1e-5)
+    for (name, a), b in zip(reference.named_parameters(), patched.parameters()):
+        if a.grad is not None:
+            assert torch.allclose(a.grad, b.grad, atol=1e-5), name
+    speed.undo(patched)
+    assert (
+        _types(patched) == types
+        and patched.config._attn_implementation == reference.config._attn_implementation
+    )
+
+
+def test_generative_tasks_keep_the_models_attention_and_fast_kernels_off_applies_nothing(tmp_path):
+    from .conftest import write_tiny_llama
+
+    folder = write_tiny_llama(tmp_path / "llama")
+    config = load_config(model=str(folder), task="causal-lm", method="lora")
+    task = TASKS["causal-lm"](config)
+    model = METHODS["lora"].apply(task.build_model(str(folder)), config, task)
+    report = speed.apply(model, task, cpu=True)
+    assert report.skipped[speed.ATTENTION] == "generative task (generation keeps its own path)"
+    assert report.has(speed.LORA_LINEAR) and model.config._attn_implementation != speed.IMPLEMENTATION
+    plain = task.build_model(str(folder))
+    types = _types(plain)
+    off = speed.apply(plain, task, cpu=True, enabled=False)
+    assert off.line() == "speed-ups: off (train.fast_kernels=false)" and off.as_dict()["applied"] == {}
+    assert _types(plain) == types and speed.report_for(plain) is off
+
+
+def test_wrappers_read_through_to_the_original_for_model_code_and_peft(tmp_path):
+    """T5 reads its LoRA-wrapped output projection's `weight`; a wrapper that lacks an
+    attribute reads the original's, so the model runs and computes what it did."""
+    from .conftest import write_tiny_seq2seq
+
+    folder = write_tiny_seq2seq(tmp_path / "t5", "t5")
+    config = load_config(model=str(folder), task="seq2seq", method="lora",
+                         overrides=["lora.target_modules=all-linear"])  # fmt: skip
+    task = TASKS["seq2seq"](config)
+    torch.manual_seed(0)
+    reference = METHODS["lora"].apply(task.build_model(str(folder)), config, task)
+    patched = copy.deepcopy(reference)
+    report = speed.apply(patched, task, cpu=True)
+    wo = patched.get_base_model().encoder.block[0].layer[-1].DenseReluDense.wo
+    assert isinstance(wo, speed.FastLoraLinear) and wo.weight is wo.base_layer.weight
+    assert wo.in_features == 64 and report.has(speed.LORA_LINEAR)
+    ids = torch.tensor([[5, 6, 7, 3], [8, 9, 3, 0]])
+    batch = {"input_ids": ids, "attention_mask": (ids != 0).long(), "labels": torch.tensor([[5, 3], [6, 3]])}
+    for model in (reference, patched):
+        model.train()
+        model(**batch).loss.backward()
+    assert torch.allclose(reference(**batch).logits, patched(**batch).logits, atol=1e-5)
+    for (name, a), b in zip(reference.named_parameters(), patched.parameters()):
+        if a.grad is not None:
+            assert torch.allclose(a.grad, b.grad, atol=1e-5), name

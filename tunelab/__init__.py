@@ -18,10 +18,12 @@ def __getattr__(name: str) -> Any:
         from tunelab import run
 
         return getattr(run, name)
-    if name == "estimate":  # the module, which calling runs its estimate() (see tunelab/estimate.py)
+    if name == "estimate":  # the function (its module is tunelab.estimator)
         import importlib
 
-        return importlib.import_module("tunelab.estimate")
+        # by name: `run` imports this package for __version__, and a static import here would
+        # read (to the layer check) as run reaching up to the estimator
+        return importlib.import_module("tunelab.estimator").estimate
     if name == "load_config":
         from tunelab.config import load_config
 

@@ -324,9 +324,9 @@ def augment_rows(
             new = dict(row)
             if isinstance(text, str):
                 operation = OPERATIONS[(start + copy) % len(OPERATIONS)]
-                if options.probability(operation) == 0:
-                    operation = None  # disabled: pick among the enabled ones
-                new[text_column] = augment_text(text, options, synonyms, rng, operation=operation)
+                # a disabled operation is not used: augment_text picks among the enabled ones instead
+                chosen = operation if options.probability(operation) != 0 else None
+                new[text_column] = augment_text(text, options, synonyms, rng, operation=chosen)
             augmented.append(new)
     return [dict(row) for row in rows] + augmented
 

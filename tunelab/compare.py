@@ -37,6 +37,8 @@ from tunelab.methods import METHODS
 from tunelab.metrics import higher_is_better
 from tunelab.models import load_tokenizer, resolve_model
 from tunelab.tasks import TASKS
+from tunelab.tasks.classification import ClassificationTask
+from tunelab.tasks.generative import GenerativeTask
 
 METHOD_ORDER = ["none", "full", "freeze", "lora", "adapter", "prefix", "prompt", "ia3"]
 LR_SWEEP = (1 / 3, 1.0, 3.0)  # factors of each method's default learning rate
@@ -257,7 +259,9 @@ def _tfidf(config: Config) -> dict[str, Any]:
     import numpy as np
 
     task = TASKS[config.task](config)
+    assert isinstance(task, ClassificationTask)  # classification, or regression (a subclass of it)
     train, validation, test = task.load_tables()
+    assert task.labels is not None  # load_tables fixes the label set
     d = config.data
 
     def texts(table: Any) -> list[str]:
@@ -295,15 +299,17 @@ def _prompted_classifier(config: Config, shots_per_label: int = 1) -> dict[str, 
     import numpy as np
     import torch
 
-    task = TASKS["classification"](config)
+    task = ClassificationTask(config)
     train, validation, test = task.load_tables()
+    assert task.labels is not None  # load_tables fixes the label set
     path = resolve_model(config.model)
     tokenizer = load_tokenizer(path)
     from transformers import AutoModelForCausalLM
 
     device = pick_device()
     dtype = resolve_precision(config.train.precision, device)
-    model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+    model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(path)
+    model = model.to(device).eval()
     d, labels = config.data, task.labels
     shots, seen = [], {name: 0 for name in labels}
     for i, names in enumerate(task._all_labels(train)):
@@ -337,6 +343,7 @@ def _prompted_classifier(config: Config, shots_per_label: int = 1) -> dict[str, 
 
 def _untuned_generative(config: Config) -> dict[str, Any]:
     task = TASKS[config.task](config)
+    assert isinstance(task, GenerativeTask)  # causal-lm or seq2seq
     tokenizer = load_tokenizer(resolve_model(config.model))
     splits = task.load_splits(tokenizer)
     device = pick_device()

@@ -293,15 +293,16 @@ class GenerationConfig:
     compare_base: bool = doc("Also score the un-tuned model on the same rows (eval.json `baseline`).", True)
 
 
+MethodName = Literal["full", "freeze", "lora", "adapter", "prefix", "prompt", "ia3"]
+
+
 @dataclass
 class Config:
     model: str = doc("Built-in name (minilm-l6), local folder, or hub id.", "minilm-l6")
     task: Literal["classification", "regression", "token-classification", "causal-lm", "seq2seq"] = doc(
         "What the model learns to do.", "classification"
     )
-    method: Literal["full", "freeze", "lora", "adapter", "prefix", "prompt", "ia3"] = doc(
-        "What trains (see docs/methods.md).", "lora"
-    )
+    method: MethodName = doc("What trains (see docs/methods.md).", "lora")
     output_dir: str | None = doc("Run directory; default runs/<model>-<method>-<time>.")
     seed: int = doc("Seed for data order, splits, initialisation and dropout.", 42)
     data: DataConfig = field(default_factory=DataConfig)
@@ -394,7 +395,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
                 f"unknown key '{prefix}{key}'{hint} Valid keys: {', '.join(prefix + n for n in names)}"
             )
         tp = hints[key]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value or {}, f"{prefix}{key}.")
         else:
             kwargs[key] = _coerce(value, tp, prefix + key)
@@ -573,6 +574,10 @@ def field_docs(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any
         if dataclasses.is_dataclass(hints[f.name]):
             rows += field_docs(hints[f.name], f"{prefix}{f.name}.")
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        else:
+            assert callable(f.default_factory)  # every config field has a default or a factory
+            default = f.default_factory()
         rows.append((prefix + f.name, f.metadata.get("doc", ""), default))
     return rows

@@ -110,7 +110,7 @@ def peak_rss_mb() -> float:
 def precision_used(precision: str, device: torch.device) -> dict[str, Any]:
     """What `train.precision` came to on this device, and for `auto` on a CPU the timing behind it."""
     dtype = resolve_precision(precision, device)
-    used = {"setting": precision, "used": precision_name(dtype)}
+    used: dict[str, Any] = {"setting": precision, "used": precision_name(dtype)}
     if precision == "auto" and device.type == "cpu" and bf16_supported(device):
         used["cpu_bf16_speedup"] = round(cpu_bf16_speedup(), 2)
     return used

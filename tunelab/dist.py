@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
+from typing import cast, overload
 
 import torch
 import torch.distributed as torch_dist
@@ -97,6 +98,10 @@ def shard_model(model: torch.nn.Module) -> None:
     fully_shard(model)
 
 
+@overload
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]: ...
+@overload
+def full_state(model: torch.nn.Module, optimizer: None = None) -> tuple[dict, None]: ...
 def full_state(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
 ) -> tuple[dict, dict | None]:
@@ -130,14 +135,14 @@ def load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train
         set_model_state_dict,
         set_optimizer_state_dict,
     )
-    from torch.distributed.tensor import distribute_tensor
+    from torch.distributed.tensor import DTensor, distribute_tensor
 
     options = StateDictOptions(full_state_dict=True, strict=False)
     set_model_state_dict(model, trainable, options=options)
     set_optimizer_state_dict(model, optimizer, optim_state, options=options)
     if best is None:
         return None
-    params = dict(model.named_parameters())
+    params = {n: cast(DTensor, p) for n, p in model.named_parameters()}  # FSDP holds them as DTensors
     return {n: distribute_tensor(t, params[n].device_mesh, params[n].placements) for n, t in best.items()}
 
 

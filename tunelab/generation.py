@@ -8,7 +8,7 @@ needs, and returns only the new text.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 
@@ -16,6 +16,14 @@ from tunelab.device import autocast
 
 # end-of-turn markers of common chat templates; each stops generation when the template uses it
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
+
+
+class Generates(Protocol):
+    """A model with transformers' `generate` (a transformers model, or a peft model around one)."""
+
+    def generate(self, **kwargs: Any) -> torch.Tensor:
+        """Token ids of prompt + continuation (encoder-decoder: of the continuation), one row per input."""
+        ...
 
 
 def stop_token_ids(tokenizer: Any) -> list[int]:
@@ -88,7 +96,7 @@ def generate(
                 start = 0 if encoder_decoder else enc["input_ids"].shape[1]
                 step = {**step, "stopping_criteria": stop_at_text(tokenizer, stop, start)}
             with autocast(device, dtype):
-                generated = model.generate(**enc, **step, streamer=streamer)
+                generated = cast(Generates, model).generate(**enc, **step, streamer=streamer)
             new = generated if encoder_decoder else generated[:, enc["input_ids"].shape[1] :]
             for row, i in enumerate(chunk):
                 out[i] = tokenizer.decode(new[row], skip_special_tokens=True).strip()

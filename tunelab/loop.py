@@ -21,7 +21,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from tqdm.auto import tqdm
@@ -34,7 +34,7 @@ from tunelab.dist import Dist, all_reduce_sum, broadcast_flag, full_state, gathe
 from tunelab.errors import ConfigError, Interrupted
 from tunelab.methods import METHODS
 from tunelab.metrics import higher_is_better
-from tunelab.speed import FrozenCache, cache_mb
+from tunelab.speed import FrozenCache, cache_mb, report_for
 from tunelab.tasks.base import Task, padded_length
 
 
@@ -61,7 +61,8 @@ def length_batches(
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay on weight matrices only: biases, norms and other 1-d parameters are exempt."""
-    decay, exempt = [], []
+    decay: list[torch.nn.Parameter] = []
+    exempt: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (exempt if p.ndim < 2 or name.endswith("bias") else decay).append(p)
@@ -288,7 +289,10 @@ def prepare(model: torch.nn.Module, task: Task, train: list[dict[str, Any]], con
         checkpoint_dir=checkpoint_dir, rng=rng, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
         global_batch=global_batch, trainable=[p for p in model.parameters() if p.requires_grad],
     )  # fmt: skip
-    if uses_frozen_cache(config, task, fsdp):
+    refusal = frozen_cache_refusal(config, task, fsdp)
+    if refusal:
+        report_for(model).note_cache(False, refusal)
+    else:
         began = time.perf_counter()  # counted as training time
         loop.cache = FrozenCache.build(model, train, task.collate, pad_id, tc.eval_batch_size, device,
                                        lambda: autocast(device, dtype))  # fmt: skip
@@ -300,13 +304,20 @@ def prepare(model: torch.nn.Module, task: Task, train: list[dict[str, Any]], con
     return loop
 
 
-def uses_frozen_cache(config: Config, task: Task, fsdp: bool) -> bool:
-    """Whether the frozen lower layers' outputs are computed once instead of every step: the
-    setting is on, the method declares that its frozen layers can be cached, and the task
-    reads one forward pass (not generation); not under FSDP, whose shards hold the layers."""
-    method = METHODS[config.method]
-    return (config.train.cache_frozen_layers and method.CACHEABLE_FROZEN_LAYERS
-            and not task.generative and not fsdp)  # fmt: skip
+def frozen_cache_refusal(config: Config, task: Task, fsdp: bool) -> str | None:
+    """Why the frozen lower layers' outputs are not computed once instead of every step, or
+    None where they may be: the setting is on, the method declares that its frozen layers can
+    be cached, and the task reads one forward pass (not generation); not under FSDP, whose
+    shards hold the layers. (The cache itself may still decline; it says why in the report.)"""
+    if not config.train.cache_frozen_layers:
+        return "off (train.cache_frozen_layers=false)"
+    if not METHODS[config.method].CACHEABLE_FROZEN_LAYERS:
+        return f"method {config.method} trains or changes the lower layers"
+    if task.generative:
+        return "generation runs the whole model"
+    if fsdp:
+        return "FSDP shards hold the layers"
+    return None
 
 
 def restore(loop: Loop, checkpoint: Path) -> FitResult:
@@ -333,7 +344,8 @@ def train_step(loop: Loop, train: list[dict[str, Any]], group: list[list[int]]) 
         # DDP syncs gradients on the last micro-batch only
         sync = n == len(collated) - 1 or not loop.dist.active or loop.fsdp
         frozen = loop.cache.batch(mine[n], batch["input_ids"].shape[1]) if loop.cache else nullcontext()
-        with nullcontext() if sync else loop.forward.no_sync(), autocast(loop.device, loop.dtype), frozen:
+        ddp = cast(torch.nn.parallel.DistributedDataParallel, loop.forward)  # when not syncing, DDP wraps it
+        with nullcontext() if sync else ddp.no_sync(), autocast(loop.device, loop.dtype), frozen:
             loss_sum = loop.task.loss(loop.forward, to_device(batch, loop.device))
         # DDP averages gradients over processes: scale back up to a global sum
         loop.scaler.scale(loss_sum * loop.dist.world / units).backward()

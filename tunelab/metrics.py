@@ -180,9 +180,9 @@ def entity_metrics(truth: list[list[str]], predicted: list[list[str]]) -> dict[s
     """Entity-level precision, recall and F1 per type and micro/macro-averaged, where an entity
     counts only if its type and both boundaries match (conlleval / seqeval default)."""
     true_set, pred_set = set(), set()
-    for n, (t, p) in enumerate(zip(truth, predicted)):
+    for n, (t, q) in enumerate(zip(truth, predicted)):
         true_set |= {(n, *e) for e in get_entities(t)}
-        pred_set |= {(n, *e) for e in get_entities(p)}
+        pred_set |= {(n, *e) for e in get_entities(q)}
     types = sorted({e[1] for e in true_set | pred_set})
     per_type = {}
     for kind in types:

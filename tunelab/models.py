@@ -58,7 +58,7 @@ def converted_gguf(name: str, folder: Path, gguf_file: str) -> Path:
     with quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # set by transformers at load, not declared on the class
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)

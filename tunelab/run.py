@@ -185,9 +185,7 @@ class Run:
         d = self.config.data
         table = read_table(path, "auto" if d.format == "conll" else d.format)
         columns = [d.text_column] + ([d.text_pair_column] if d.text_pair_column else [])
-        require_columns(
-            table, columns, {d.text_column: "data.text_column", d.text_pair_column: "data.text_pair_column"}
-        )
+        require_columns(table, columns, dict(zip(columns, ("data.text_column", "data.text_pair_column"))))
         for i, row in enumerate(table.rows):
             for column in columns:
                 if is_missing(row.get(column)):
@@ -355,6 +353,7 @@ def train(
 
 def train_in_process(config: Config, resume: bool, overwrite: bool) -> Run:
     """`train` once the config is resolved, inside `process_settings`."""
+    assert config.output_dir is not None  # run_config fills it in
     out = Path(config.output_dir)
     dist = init_distributed()
     config, checkpoint = resume_point(config, out, resume, overwrite)
@@ -379,7 +378,8 @@ def train_in_process(config: Config, resume: bool, overwrite: bool) -> Run:
     if dist.is_main:
         tmp.mkdir(parents=True, exist_ok=True)
         save_config(config, tmp / "config.yaml")
-        write_json(tmp / "env.json", environment(config, device, splits.files, speed.report_for(model).as_dict()))
+        env = environment(config, device, splits.files, speed.report_for(model).as_dict())
+        write_json(tmp / "env.json", env)
     done = json.loads((checkpoint / "state.json").read_text())["result"]["steps"] if checkpoint else 0
     try:
         with metrics_log(tmp / "metrics.jsonl", keep_until=done, enabled=dist.is_main) as log:

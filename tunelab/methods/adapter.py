@@ -59,8 +59,9 @@ def _features(module: nn.Module) -> tuple[int, int] | None:
     """(in, out) features of a linear-like layer: nn.Linear, or GPT-2's transposed Conv1D."""
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
-    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
-        return tuple(module.weight.shape)  # type: ignore[return-value]
+    weight = getattr(module, "weight", None)
+    if type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor):
+        return weight.shape[0], weight.shape[1]  # Conv1D stores its weight as (in, out)
     return None
 
 

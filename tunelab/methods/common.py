@@ -7,12 +7,16 @@ Blocks are found by structure, not by architecture names (`tunelab.models.block_
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
 from tunelab.models import resolve_model
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel
 
 TRAINED_FILE = "trained.safetensors"
 
@@ -28,7 +32,7 @@ def hidden_size(model: nn.Module) -> int:
 def head_names(model: nn.Module, task: Any) -> list[str]:
     """Names of the task-head modules present in the model (e.g. `classifier`, `bert.pooler`)."""
     wanted = set(task.head_modules)
-    names = []
+    names: list[str] = []
     for name, _ in model.named_modules():
         last = name.rsplit(".", 1)[-1]
         if last in wanted and not any(name.startswith(n + ".") for n in names):
@@ -51,7 +55,7 @@ def save_trainable(model: nn.Module, out_dir: Path) -> None:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(trainable_state(model), str(out_dir / TRAINED_FILE))
-    model.config.save_pretrained(out_dir)
+    cast("PreTrainedModel", model).config.save_pretrained(out_dir)
 
 
 def load_trainable(model: nn.Module, model_dir: Path) -> nn.Module:
@@ -83,7 +87,7 @@ def peft_apply(model: nn.Module, task: Any, peft_config: Any) -> nn.Module:
 
 
 def peft_save(model: nn.Module, out_dir: Path) -> None:
-    model.save_pretrained(out_dir)
+    cast("PeftModel", model).save_pretrained(str(out_dir))
 
 
 def peft_load(config: Any, task: Any, model_dir: Path) -> nn.Module:
@@ -100,8 +104,9 @@ def peft_merge(model: nn.Module) -> nn.Module:
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils import ModulesToSaveWrapper
 
-    model.merge_adapter()
-    base = model.get_base_model()
+    peft_model = cast("PeftModel", model)
+    peft_model.merge_adapter()
+    base = peft_model.get_base_model()
     for name, module in reversed(list(base.named_modules())):
         if isinstance(module, ModulesToSaveWrapper):
             plain = module.modules_to_save[module.active_adapters[0]]

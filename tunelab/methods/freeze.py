@@ -8,12 +8,15 @@ rest from the base model when loaded.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from torch import nn
 
 from tunelab.methods.common import base_model, freeze_all_but, load_trainable, save_trainable
 from tunelab.models import block_stacks
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 DEFAULT_LR = 1e-4
 PLAIN_WEIGHTS = True  # the trained layers are plain layers: `merge` returns the model as is
@@ -35,7 +38,7 @@ def trained_prefixes(model: nn.Module, config: Any) -> list[str]:
     last_block = max(i for i, name in enumerate(names) if name.startswith(last_stack))
     prefixes += names[last_block + 1 :]
     if config.freeze.train_embeddings:
-        embeddings = model.get_input_embeddings()
+        embeddings = cast("PreTrainedModel", model).get_input_embeddings()
         prefixes += [name for name, p in model.named_parameters() if p is embeddings.weight]
     return prefixes
 

@@ -9,9 +9,12 @@ update per step for little gain. A table tied to the output layer (most causal L
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 DEFAULT_LR = 1e-4
 PLAIN_WEIGHTS = True  # the trained model is the plain model: `merge` returns it as is
@@ -22,8 +25,9 @@ VIRTUAL_TOKENS = False
 def apply(model: nn.Module, config: Any, task: Any) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(True)
-    embeddings = model.get_input_embeddings()
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    hf = cast("PreTrainedModel", model)
+    embeddings = hf.get_input_embeddings()
+    output = hf.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     tied = output is not None and output.weight is embeddings.weight
     if not config.full.train_embeddings and not tied:
         embeddings.weight.requires_grad_(False)
@@ -31,7 +35,7 @@ def apply(model: nn.Module, config: Any, task: Any) -> nn.Module:
 
 
 def save(model: nn.Module, out_dir: Path) -> None:
-    model.save_pretrained(out_dir)
+    cast("PreTrainedModel", model).save_pretrained(out_dir)
 
 
 def load(config: Any, task: Any, model_dir: Path) -> nn.Module:

@@ -7,13 +7,16 @@ attributes `name`, `default_metric`, `head_modules`, `peft_task_type` and `gener
 The generative tasks (`causal_lm.py`, `seq2seq.py`) share `generative.py`.
 """
 
+from collections.abc import Callable
+
+from tunelab.tasks.base import Task
 from tunelab.tasks.causal_lm import CausalLMTask
 from tunelab.tasks.classification import ClassificationTask
 from tunelab.tasks.regression import RegressionTask
 from tunelab.tasks.seq2seq import Seq2SeqTask
 from tunelab.tasks.token_classification import TokenClassificationTask
 
-TASKS = {
+TASKS: dict[str, Callable[..., Task]] = {
     "classification": ClassificationTask,
     "regression": RegressionTask,
     "token-classification": TokenClassificationTask,

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from tunelab.config import Config
-from tunelab.data import sample, stratified_split
+from tunelab.data import Table, sample, stratified_split
 from tunelab.device import autocast, to_device
 from tunelab.errors import DataError
 
@@ -25,19 +25,23 @@ class Task(Protocol):
     head_modules: tuple[str, ...]  # names of the task-head modules (always trained and saved)
     peft_task_type: str  # peft's TaskType for this task
     generative: bool  # generates text (causal-lm, seq2seq): scored on generations too
-    pad_multiple: int  # `collate` rounds a batch's padded length up to a multiple of this
     config: Config
     labels: list[str] | None  # label names, where the task has them
+
+    @property
+    def pad_multiple(self) -> int:
+        """`collate` rounds a batch's padded length up to a multiple of this."""
+        ...
 
     def load_splits(self, tokenizer: Any) -> Splits:
         """Read, validate, split and tokenize the config's data files."""
         ...
 
-    def read(self, path: str, need_labels: bool = True) -> Any:
+    def read(self, path: str, need_labels: bool = True) -> Table:
         """One data file as a table, validated (errors name the file, row and column)."""
         ...
 
-    def encode(self, table: Any, tokenizer: Any, with_labels: bool = True) -> list[dict[str, Any]]:
+    def encode(self, table: Table, tokenizer: Any, with_labels: bool = True) -> list[dict[str, Any]]:
         """Tokenize a table into examples (dicts of token lists, + "labels")."""
         ...
 
@@ -86,17 +90,35 @@ class Task(Protocol):
 class TaskBase:
     """Defaults shared by every task: model outputs come from one forward pass per batch."""
 
+    name: str
+    default_metric: str
+    head_modules: tuple[str, ...]
+    peft_task_type: str
+    config: Config
+    labels: list[str] | None
     generative = False  # generates text (causal-lm, seq2seq): scored on generations too
-    pad_multiple = 1  # `collate` rounds a batch's padded length up to a multiple of this
+
+    @property
+    def pad_multiple(self) -> int:
+        """`collate` rounds a batch's padded length up to a multiple of this."""
+        return 1
+
+    def build_model(self, path: str) -> torch.nn.Module:
+        """The pretrained model at `path` with this task's head (each task defines it)."""
+        raise NotImplementedError
+
+    def collate(self, examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+        """Pad examples into one batch of tensors (each task defines it)."""
+        raise NotImplementedError
 
     def outputs(self, model: torch.nn.Module, examples: list[dict[str, Any]], pad_id: int, batch_size: int,
                 device: torch.device, dtype: torch.dtype | None) -> list[Any]:  # fmt: skip
         """What `metrics` and `predictions` read: here the logits of each example."""
-        return predict_logits(model, examples, self.collate, pad_id, batch_size, device, dtype)  # type: ignore[attr-defined]
+        return predict_logits(model, examples, self.collate, pad_id, batch_size, device, dtype)
 
     def probe_batch(self, examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
         """Model inputs for a few examples, to compare two models' logits (merge and export checks)."""
-        batch = self.collate(examples, pad_id)  # type: ignore[attr-defined]
+        batch = self.collate(examples, pad_id)
         batch.pop("labels", None)
         return batch
 

@@ -23,7 +23,7 @@ each example to itself.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -34,8 +34,9 @@ from tunelab.errors import ConfigError, DataError
 from tunelab.tasks.base import Splits, split_and_encode
 from tunelab.tasks.generative import IGNORE, GenerativeTask, fill_placeholders, pad_sequences
 
-CHAT_LAYOUTS = ("alpaca", "messages", "sharegpt")
-LAYOUTS = ("text", "prompt-completion", *CHAT_LAYOUTS)
+Layout = Literal["text", "prompt-completion", "alpaca", "messages", "sharegpt"]  # how a record reads
+CHAT_LAYOUTS: tuple[Layout, ...] = ("alpaca", "messages", "sharegpt")
+LAYOUTS: tuple[Layout, ...] = ("text", "prompt-completion", *CHAT_LAYOUTS)
 FILE_FORMATS = ("csv", "tsv", "json", "jsonl", "parquet")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "model": "assistant"}  # fmt: skip
@@ -50,12 +51,15 @@ PLAIN_TEMPLATE = (
 )
 
 
-def detect_layout(table: Table, text_column: str) -> str:
+def detect_layout(table: Table, text_column: str) -> Layout:
     columns = set(table.columns)
     if table.path.suffix.lower() == ".txt":
         return "text"
-    for layout, needed in (("messages", {"messages"}), ("sharegpt", {"conversations"}),
-                           ("alpaca", {"instruction"}), ("prompt-completion", {"prompt"})):  # fmt: skip
+    by_columns: tuple[tuple[Layout, set[str]], ...] = (
+        ("messages", {"messages"}), ("sharegpt", {"conversations"}),
+        ("alpaca", {"instruction"}), ("prompt-completion", {"prompt"}),
+    )  # fmt: skip
+    for layout, needed in by_columns:
         if needed <= columns:
             return layout
     if text_column in columns:
@@ -84,7 +88,7 @@ class CausalLMTask(GenerativeTask):
 
     def __init__(self, config: Config, labels: list[str] | None = None):
         super().__init__(config, labels)
-        self.layout = config.data.format if config.data.format in LAYOUTS else None
+        self.layout: Layout | None = config.data.format if config.data.format in LAYOUTS else None
 
     # ----------------------------------------------------------------- data
     def _file_format(self, path: str) -> str:
@@ -178,6 +182,7 @@ class CausalLMTask(GenerativeTask):
         if d.augment.method != "none":
             raise ConfigError("data.augment is for classification; set data.augment.method=none")
         train = self.read(d.train)
+        assert self.layout is not None  # `read` fixes it
         self.config.data.format = self.layout  # the resolved config records the layout
         self.template(tokenizer)
         splits = split_and_encode(self, train, None, tokenizer)

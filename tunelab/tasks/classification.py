@@ -10,6 +10,7 @@ Models: any `AutoModelForSequenceClassification` (encoder or decoder).
 from __future__ import annotations
 
 import re
+from collections.abc import Hashable
 from typing import Any
 
 import numpy as np
@@ -50,7 +51,7 @@ class ClassificationTask(TaskBase):
     name = "classification"
     # the task head: HF names of the fresh classifier, plus the pretrained pooler of BERT-style
     # encoders, which feeds only the head and so trains with it
-    head_modules = ("classifier", "score", "pooler")
+    head_modules: tuple[str, ...] = ("classifier", "score", "pooler")
     peft_task_type = "SEQ_CLS"
 
     def __init__(self, config: Config, labels: list[str] | None = None):
@@ -120,8 +121,9 @@ class ClassificationTask(TaskBase):
     def label_ids(self, table: Table) -> list[Any]:
         """Each row's label id (single-label) or multi-hot vector (multi-label); a label unseen
         in training is an error."""
+        assert self.labels is not None  # fixed by load_tables (or given) before rows are encoded
         index = {name: i for i, name in enumerate(self.labels)}
-        out = []
+        out: list[Any] = []
         for i, names in enumerate(self._all_labels(table)):
             for name in names:
                 if name not in index:
@@ -166,7 +168,7 @@ class ClassificationTask(TaskBase):
         """Read train/validation/test per the config, fix the label set, tokenize."""
         return encode_splits(self, self.load_tables(), tokenizer, self.augment)
 
-    def strata(self, table: Table) -> list[str]:
+    def strata(self, table: Table) -> list[Hashable]:
         """What splits and few-shot sampling keep balanced: each row's label set."""
         return ["|".join(sorted(names)) for names in self._all_labels(table)]
 
@@ -205,7 +207,7 @@ class ClassificationTask(TaskBase):
         )
 
     @property
-    def pad_multiple(self) -> int:  # type: ignore[override]
+    def pad_multiple(self) -> int:
         return self.config.data.pad_to_multiple_of
 
     def collate(self, examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -255,6 +257,7 @@ class ClassificationTask(TaskBase):
         return {"threshold": self.config.classification.threshold, "validation_f1_micro": max(scores)}
 
     def predictions(self, outputs: list[np.ndarray], examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        assert self.labels is not None  # fixed by load_tables (or the saved run) before predicting
         logits = np.stack(outputs)
         if self.multi_label:
             probs = _sigmoid(logits)

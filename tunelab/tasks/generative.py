@@ -16,18 +16,22 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tunelab.config import Config
 from tunelab.device import autocast, to_device
 from tunelab.errors import DataError
 from tunelab.generation import generate, generation_kwargs
 from tunelab.metrics import generation_metrics
 from tunelab.models import resolve_model
 from tunelab.tasks.base import TaskBase
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 IGNORE = -100  # label of positions without a target
 PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
@@ -47,7 +51,7 @@ def only_positions(model: torch.nn.Module, mask: torch.Tensor) -> Iterator[None]
         return (hidden[keep], *args[1:])
 
     inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-    handle = inner.get_output_embeddings().register_forward_pre_hook(select)
+    handle = cast("PreTrainedModel", inner).get_output_embeddings().register_forward_pre_hook(select)
     try:
         yield
     finally:
@@ -90,7 +94,7 @@ class GenerativeTask(TaskBase):
     head_modules: tuple[str, ...] = ()  # the output layer is pretrained: no fresh head
     shift = True  # causal: position t predicts token t+1
 
-    def __init__(self, config: Any, labels: list[str] | None = None):
+    def __init__(self, config: Config, labels: list[str] | None = None):
         self.config = config
         self.labels = None
 

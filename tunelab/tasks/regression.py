@@ -8,12 +8,14 @@ R², Pearson and Spearman.
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tunelab.config import Config
 from tunelab.data import Table, is_missing
 from tunelab.errors import DataError
 from tunelab.metrics import regression_metrics
@@ -23,7 +25,7 @@ from tunelab.tasks.classification import ClassificationTask
 class RegressionTask(ClassificationTask):
     name = "regression"
 
-    def __init__(self, config: Any, labels: list[str] | None = None):
+    def __init__(self, config: Config, labels: list[str] | None = None):
         super().__init__(config, labels)
         self.multi_label = False
         self.default_metric = "mse"
@@ -31,7 +33,7 @@ class RegressionTask(ClassificationTask):
 
     def row_labels(self, table: Table, i: int) -> list[str]:
         column = self.config.data.label_column
-        value = table.rows[i].get(column)
+        value: Any = table.rows[i].get(column)  # any cell: what is not a number is reported below
         if is_missing(value):
             raise DataError(f"{table.where(i)}: column '{column}' has no value; fill it in or remove the row")
         try:
@@ -45,7 +47,7 @@ class RegressionTask(ClassificationTask):
     def label_ids(self, table: Table) -> list[Any]:
         return [float(self.row_labels(table, i)[0]) for i in range(len(table))]
 
-    def strata(self, table: Table) -> list[int]:
+    def strata(self, table: Table) -> list[Hashable]:
         """No classes here: splits keep the share of each value quintile instead."""
         values = np.array(self.label_ids(table))
         edges = np.quantile(values, [0.2, 0.4, 0.6, 0.8]) if len(values) else []

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tunelab.config import max_length
+from tunelab.config import Config, max_length
 from tunelab.data import Table, read_table, require_columns
 from tunelab.errors import DataError
 from tunelab.metrics import entity_metrics, get_entities
@@ -32,7 +32,9 @@ def read_conll(path: Path) -> Table:
     """Sentences of a CoNLL file as rows {"tokens": [...], "tags": [...]}."""
     if not path.exists():
         raise DataError(f"data file not found: {path} (check the path)")
-    rows, lines, tokens, tags, start = [], [], [], [], 0
+    rows, lines, start = [], [], 0
+    tokens: list[str] = []
+    tags: list[str] = []
     with open(path, encoding="utf-8-sig") as f:
         for n, line in enumerate(f, 1):
             fields = line.split()
@@ -67,10 +69,10 @@ def split_words(text: str) -> list[tuple[str, int, int]]:
 class TokenClassificationTask(TaskBase):
     name = "token-classification"
     default_metric = "f1_micro"
-    head_modules = ("classifier",)
+    head_modules: tuple[str, ...] = ("classifier",)
     peft_task_type = "TOKEN_CLS"
 
-    def __init__(self, config: Any, labels: list[str] | None = None):
+    def __init__(self, config: Config, labels: list[str] | None = None):
         self.config = config
         self.labels = labels or config.data.labels
 
@@ -95,10 +97,11 @@ class TokenClassificationTask(TaskBase):
                 got = len(tags) if isinstance(tags, list) else repr(tags)
                 raise DataError(f"{table.where(i)}: '{d_tags}' must be a list with one tag per word "
                                 f"({len(tokens)} words, got {got})")  # fmt: skip
-            rows.append({"tokens": tokens, "tags": [str(t) for t in tags] if need_labels else None})
+            rows.append({"tokens": tokens, "tags": [str(t) for t in tags] if tags is not None else None})
         return Table(table.path, rows, table.lines, ["tokens", "tags"])
 
     def tag_ids(self, table: Table) -> list[list[int]]:
+        assert self.labels is not None  # fixed by load_splits (or given) before rows are encoded
         index = {name: i for i, name in enumerate(self.labels)}
         out = []
         for i, row in enumerate(table.rows):
@@ -185,10 +188,12 @@ class TokenClassificationTask(TaskBase):
     # ----------------------------------------------------------------- outputs
     def word_tags(self, logits: np.ndarray, example: dict[str, Any], n_words: int) -> list[str]:
         """Predicted tag per word; words cut off by max_length are tagged O."""
+        assert self.labels is not None  # fixed by load_splits (or the saved run) before scoring
         ids = logits[example["word_starts"]].argmax(-1) if example["word_starts"] else []
         return [self.labels[i] for i in ids] + ["O"] * (n_words - len(example["word_starts"]))
 
     def metrics(self, outputs: list[np.ndarray], examples: list[dict[str, Any]]) -> dict[str, Any]:
+        assert self.labels is not None  # fixed by load_splits (or the saved run) before scoring
         truth = [[self.labels[t] for t in e["tags"]] for e in examples]
         predicted = [self.word_tags(o, e, len(t)) for o, e, t in zip(outputs, examples, truth)]
         return entity_metrics(truth, predicted)

@@ -3,8 +3,8 @@ training, for its own method and every other one.
 
 How it works. The config, tokenizer, task and data splits load exactly as `tunelab train`
 loads them (so bad input gives the same errors), and the first epoch's real batch plan is
-built with the loop's own `length_batches`. Then, per method, a child process (so that its
-peak RSS is its own) loads the same data, builds the model with `run.build_model` and trains
+built with the loop's own `length_batches`. Then, per method, a child process
+(`python -m tunelab.estimator --probe`, so that its peak RSS is its own) loads the same data, builds the model with `run.build_model` and trains
 through `loop.fit` on a few of the plan's steps, spread evenly over its sizes up to the
 longest (the memory peak), each run twice. As in training, `fit` ends with a validation
 pass, here on the longest validation rows at `train.eval_batch_size`. Then the child runs,
@@ -51,13 +51,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from tunelab.config import Config, batch_size
+from tunelab.config import Config, MethodName, batch_size
 from tunelab.errors import ConfigError, TunelabError
 
 WARMUP_STEPS = 2  # run but left out of the fit: first-use allocations and set-up
@@ -285,7 +284,8 @@ def time_cache_pass(model: Any, train: list[dict[str, Any]], task: Any, pad_id: 
     warm-up pass, and scaling by padded tokens; None where no cache applies. (The probe's own
     pass covers only its few rows, spread over all lengths: too few and too padded to scale.)"""
     from tunelab.device import autocast, resolve_precision
-    from tunelab.speed import CACHE_BUDGET_MB, FrozenCache, cache_batches, cache_mb
+    from tunelab.speed import FrozenCache, cache_batches, cache_mb
+    from tunelab.speed import cache as speed_cache
     from tunelab.tasks.base import padded_length
 
     dtype, size = resolve_precision(config.train.precision, device), config.train.eval_batch_size
@@ -306,7 +306,7 @@ def time_cache_pass(model: Any, train: list[dict[str, Any]], task: Any, pad_id: 
     if warm is None:
         return None
     warm.close()
-    if cache_mb(sum(len(e["input_ids"]) for e in train), warm.table.shape[1]) > CACHE_BUDGET_MB:
+    if cache_mb(sum(len(e["input_ids"]) for e in train), warm.table.shape[1]) > speed_cache.CACHE_BUDGET_MB:
         return None  # too large: the run trains without the cache
     began = time.perf_counter()
     build(sample).close()
@@ -368,10 +368,11 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
     lr = config.train.learning_rate or method.DEFAULT_LR
     validation = [splits.validation[i] for i in spec["validation_rows"]]
     cache_s = None
-    if config.method == "freeze" and config.train.fast_kernels and not task.generative:
+    if method.CACHEABLE_FROZEN_LAYERS and tc.cache_frozen_layers and not task.generative:
         cache_s = time_cache_pass(model, splits.train, task, tokenizer.pad_token_id, config, device)
-        if cache_s is None:  # no cache for the whole set: none for the probe's few rows either
-            speed.FrozenCache.build = classmethod(lambda cls, *args, **kwargs: None)
+        # the run builds no cache where it would not fit (or apply) over the whole training set:
+        # neither may the probe over its few rows
+        tc.cache_frozen_layers = cache_s is not None
     # a full garbage collection now, not inside a timed step: set-up leaves hundreds of thousands
     # of Python objects, and one automatic pass over them takes 0.1-0.3 s (in training, these
     # passes come before the loop starts)
@@ -381,7 +382,7 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
                  tokenizer.pad_token_id, log, device)  # fmt: skip
     steps = timed(began)
     # then one step of each batch shape the epoch has and the probe did not (their memory)
-    packed = speed.packs(model)
+    packed = speed.report_for(model).has(speed.PACKED)
     memory = spec["memory"]["packed" if packed else "plain"]
     before, before_peak, memory_cache_mb = allocated_mb(), peak_rss_mb(), 0.0
     marks.clear()
@@ -448,7 +449,7 @@ def run_probe(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     began = time.perf_counter()
     with open(log, "w") as f:
-        done = subprocess.run([sys.executable, "-m", "tunelab.estimate", "--probe", str(folder / f"{name}.json")],
+        done = subprocess.run([sys.executable, "-m", "tunelab.estimator", "--probe", str(folder / f"{name}.json")],
                               stdout=f, stderr=subprocess.STDOUT, env=env)  # fmt: skip
     out = Path(spec["out"])
     if out.is_file():
@@ -530,7 +531,7 @@ def estimate(
         for k, method in enumerate(order):
             say(f"estimate: {method} ({k + 1}/{len(order)}): {spec['steps']} steps in a fresh process")
             path = Path(tmp) / f"{method}.yaml"
-            save_config(dataclasses.replace(copy.deepcopy(config), method=method), path)
+            save_config(dataclasses.replace(copy.deepcopy(config), method=cast(MethodName, method)), path)
             outcome = run_probe({**spec, "method": method, "config": str(path)}, Path(tmp))
             row = MethodEstimate(method, method == config.method, len(plan))
             if "crash" in outcome and row.configured:  # a bug, not a user's mistake: keep the traceback
@@ -603,11 +604,11 @@ def predict(row: MethodEstimate, outcome: dict[str, Any], plan: list[Step], eval
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m tunelab.estimate --probe SPEC.json`: the child process of `estimate`."""
+    """`python -m tunelab.estimator --probe SPEC.json`: the child process of `estimate`."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2 or args[0] != "--probe":
         print(
-            "usage: python -m tunelab.estimate --probe SPEC.json (run by tunelab estimate)", file=sys.stderr
+            "usage: python -m tunelab.estimator --probe SPEC.json (run by tunelab estimate)", file=sys.stderr
         )
         return 2
     spec = json.loads(Path(args[1]).read_text())
@@ -622,17 +623,6 @@ def main(argv: list[str] | None = None) -> int:
     Path(spec["out"]).write_text(json.dumps(result))
     return 0
 
-
-class _CallableModule(types.ModuleType):
-    """`tunelab.estimate` names both this module and the API function (as `tunelab.train` is a
-    function). Importing the module binds the package attribute to it, so calling the module
-    calls `estimate`: `tunelab.estimate(...)` works whichever was imported first."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Estimate:
-        return estimate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     sys.exit(main())
