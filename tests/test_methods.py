@@ -4,10 +4,12 @@ training, save/load round trip, and merged == unmerged where the maths allows.""
 
 from __future__ import annotations
 
+from typing import get_args
+
 import pytest
 import torch
 
-from tunelab.config import load_config
+from tunelab.config import MethodName, load_config
 from tunelab.loop import fit
 from tunelab.methods import METHODS, adapter
 from tunelab.methods.common import merge_checked
@@ -189,3 +191,13 @@ def test_prefix_reparameterisation_trains_through_the_mlp(tiny_bert):
     assert all(
         p.grad is not None for n, p in model.named_parameters() if p.requires_grad and "transform" in n
     )
+
+
+def test_the_config_accepts_exactly_the_methods_there_are():
+    """`MethodName` (what a config may say) and `METHODS` (what exists) name the same methods,
+    and every method declares each capability the loop and the commands read."""
+    assert list(get_args(MethodName)) == list(METHODS)
+    for name, method in METHODS.items():
+        for flag in ("PLAIN_WEIGHTS", "PEFT_FORMAT", "CACHEABLE_FROZEN_LAYERS", "VIRTUAL_TOKENS"):
+            assert isinstance(getattr(method, flag), bool), (name, flag)
+        assert not (method.PLAIN_WEIGHTS and method.PEFT_FORMAT), name  # plain weights have no adapter

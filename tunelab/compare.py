@@ -40,7 +40,7 @@ from tunelab.tasks import TASKS
 from tunelab.tasks.classification import ClassificationTask
 from tunelab.tasks.generative import GenerativeTask
 
-METHOD_ORDER = ["none", "full", "freeze", "lora", "adapter", "prefix", "prompt", "ia3"]
+METHOD_ORDER = ["none", *METHODS]  # "none": the model as it comes, the floor
 LR_SWEEP = (1 / 3, 1.0, 3.0)  # factors of each method's default learning rate
 
 

@@ -140,8 +140,8 @@ class Estimate:
                 f"{self.steps_per_epoch} steps, plus a one-time cost per matrix shape ({self.batch_shapes} batch "
                 f"shapes in the epoch, and the packed encoder's row counts) timed on the memory steps, plus what "
                 f"the first pass took beyond that (warm-up, first touch of the peak memory)"
-                + ("; freeze: its one-time cache pass, timed on a sample of the rows and scaled by tokens"
-                   if any(m.method == "freeze" and m.setup_s for m in self.methods) else "")
+                + ("; the frozen-layer cache's one-time pass, timed on a sample of the rows and scaled by tokens"
+                   if any(m.setup_s for m in self.methods) else "")
                 + "; peak RSS of each method's own process, a validation pass on the longest rows included, "
                 "plus the memory the memory steps left allocated, scaled by tokens to the shapes beyond their "
                 "budget; eval pass scaled from those rows by tokens (approximate)")  # fmt: skip

@@ -15,6 +15,7 @@ report (`export.json` inside the folder) records the difference.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -84,14 +85,18 @@ def export(run_dir: str | Path, out: str | Path, merge: bool, say: Any = print) 
         raise TunelabError(f"{out} already exists; choose another --out or remove it")
     run = Run.load(run_dir)
     method = run.config.method
-    module = _method(method)
+    module = METHODS[method]
+    mergeable = "/".join(name for name, m in METHODS.items() if m.merge is not None)
+    peft_and_mergeable = " or ".join(
+        name for name, m in METHODS.items() if m.PEFT_FORMAT and m.merge is not None
+    )
     if merge and module.merge is None:
-        other = " use --adapter-only (a PEFT folder) instead," if method in ("prefix", "prompt") else ""
+        other = " use --adapter-only (a PEFT folder) instead," if module.PEFT_FORMAT else ""
         raise TunelabError(f"method {method} cannot be merged into the base weights (its extra parameters are "
-                           f"not a change of existing weights);{other} or train with lora/ia3/full/freeze")  # fmt: skip
-    if not merge and method not in ("lora", "ia3", "prefix", "prompt"):
-        hint = "use --merge (the run already is plain weights)" if method in ("full", "freeze") else \
-            "bottleneck adapters have no PEFT format; train with lora or ia3 to get one"  # fmt: skip
+                           f"not a change of existing weights);{other} or train with {mergeable}")  # fmt: skip
+    if not merge and not module.PEFT_FORMAT:
+        hint = ("use --merge (the run already is plain weights)" if module.PLAIN_WEIGHTS
+                else f"its adapters have no PEFT format; train with {peft_and_mergeable} to get one")  # fmt: skip
         raise TunelabError(f"method {method} has no PEFT adapter to export; {hint}")
     run.model.to("cpu").float()
     batch = run.task.probe_batch(probe_examples(run), run.tokenizer.pad_token_id)
@@ -117,13 +122,7 @@ def export(run_dir: str | Path, out: str | Path, merge: bool, say: Any = print) 
     return report
 
 
-def _method(name: str) -> Any:
-    return METHODS[name]
-
-
 def _export_merged(run: Any, module: Any, tmp: Path, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-    import copy
-
     merged = module.merge(copy.deepcopy(run.model)).eval()
     merged.save_pretrained(tmp)
     run.tokenizer.save_pretrained(tmp)

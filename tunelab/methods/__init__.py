@@ -2,7 +2,8 @@
 
 Each method is one module satisfying the `Method` protocol below; `METHODS` is the one place
 that names them. The loop and the commands never test a method's name: they read what the
-method declares (`PLAIN_WEIGHTS`, `CACHEABLE_FROZEN_LAYERS`, `VIRTUAL_TOKENS`, `merge`).
+method declares (`PLAIN_WEIGHTS`, `PEFT_FORMAT`, `CACHEABLE_FROZEN_LAYERS`, `VIRTUAL_TOKENS`,
+`merge`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ class Method(Protocol):
 
     DEFAULT_LR: float  # the learning rate when train.learning_rate is not set
     PLAIN_WEIGHTS: bool  # the trained model already is plain weights: `merge` returns it as is
+    PEFT_FORMAT: bool  # what trained saves as a PEFT adapter folder (export without --merge)
     CACHEABLE_FROZEN_LAYERS: bool  # the lower layers stay frozen whole (the loop may cache their outputs)
     VIRTUAL_TOKENS: bool  # trains virtual tokens ahead of every row (prefix, prompt)
 

@@ -35,6 +35,7 @@ from tunelab.models import block_stacks
 
 DEFAULT_LR = 2e-3
 PLAIN_WEIGHTS = False  # the trained model holds an adapter: `merge` (where there is one) folds it in
+PEFT_FORMAT = False  # no PEFT format: bottleneck adapters are not PEFT's
 CACHEABLE_FROZEN_LAYERS = False  # no lower layer is frozen whole
 VIRTUAL_TOKENS = False
 ATTRIBUTE = "bottleneck_adapters"  # where the adapters live on the model

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 DEFAULT_LR = 1e-4
 PLAIN_WEIGHTS = True  # the trained layers are plain layers: `merge` returns the model as is
+PEFT_FORMAT = False  # plain weights: nothing to save apart from the model
 CACHEABLE_FROZEN_LAYERS = True  # the lower layers are frozen whole: their outputs can be computed once
 VIRTUAL_TOKENS = False
 

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 DEFAULT_LR = 1e-4
 PLAIN_WEIGHTS = True  # the trained model is the plain model: `merge` returns it as is
+PEFT_FORMAT = False  # plain weights: nothing to save apart from the model
 CACHEABLE_FROZEN_LAYERS = False  # no lower layer is frozen whole
 VIRTUAL_TOKENS = False
 

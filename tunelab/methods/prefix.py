@@ -12,6 +12,7 @@ from tunelab.methods.common import head_names, hidden_size, peft_apply, peft_loa
 
 DEFAULT_LR = 1e-2
 PLAIN_WEIGHTS = False  # the trained model holds an adapter: `merge` (where there is one) folds it in
+PEFT_FORMAT = True  # saved as a PEFT adapter folder
 CACHEABLE_FROZEN_LAYERS = False  # no lower layer is frozen whole
 VIRTUAL_TOKENS = True  # trains virtual tokens ahead of every row (no packed rows, no merge)
 merge = None

@@ -31,6 +31,7 @@ from tunelab.config import Config, max_length
 from tunelab.console import say
 from tunelab.data import FORMATS, Table, is_missing, read_table
 from tunelab.errors import ConfigError, DataError
+from tunelab.methods import METHODS
 from tunelab.tasks.base import Splits, split_and_encode
 from tunelab.tasks.generative import IGNORE, GenerativeTask, fill_placeholders, pad_sequences
 
@@ -174,7 +175,7 @@ class CausalLMTask(GenerativeTask):
             raise DataError(
                 "no training data: set data.train=<file> (.txt, JSON, JSONL, CSV, TSV or Parquet)"
             )
-        if d.packing and self.config.method in ("prefix", "prompt"):
+        if d.packing and METHODS[self.config.method].VIRTUAL_TOKENS:
             raise ConfigError(f"data.packing does not work with method={self.config.method} (its virtual "
                               f"tokens would be shared by the packed examples); turn one of them off")  # fmt: skip
         if d.shots_per_class:
