@@ -41,6 +41,8 @@ changes in the loop show up here without any change to this file.
 from __future__ import annotations
 
 import copy
+import ctypes
+import ctypes.util
 import dataclasses
 import gc
 import json
@@ -56,8 +58,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-from tunelab.config import Config, MethodName, batch_size
+import torch
+
+from tunelab import speed
+from tunelab.config import Config, MethodName, batch_size, load_config, save_config
+from tunelab.console import say as stderr_say
+from tunelab.device import autocast, peak_rss_mb, pick_device, precision_name, resolve_precision
 from tunelab.errors import ConfigError, TunelabError
+from tunelab.loop import fit, length_batches
+from tunelab.methods import METHODS
+from tunelab.models import count_params
+from tunelab.run import build_model, load_inputs, process_settings, run_config
+from tunelab.speed import PACK_ROWS, FrozenCache, cache_batches, cache_mb
+from tunelab.speed.cache import CACHE_BUDGET_MB
+from tunelab.tasks.base import padded_length
 
 WARMUP_STEPS = 2  # run but left out of the fit: first-use allocations and set-up
 MEMORY_BUDGET = 2.0  # memory steps: up to this many times the padded tokens of the probe's steps
@@ -76,8 +90,6 @@ class Step:
     def keys(self, packed: bool) -> set[tuple[int, ...]]:
         """The matrix shapes this step brings, one key per micro-batch: its batch shape, and
         under the packed encoder also its packed row count."""
-        from tunelab.speed import PACK_ROWS
-
         if not packed:
             return set(self.shapes)
         return {(*shape, -(-real // PACK_ROWS)) for shape, real in zip(self.shapes, self.real)}
@@ -192,8 +204,6 @@ def row_tokens(example: dict[str, Any], decoder: bool) -> int:
 
 def batch_shape(examples: list[dict[str, Any]], decoder: bool, multiple: int = 1) -> tuple[int, ...]:
     """(rows, padded length) of a batch, plus the longest target for seq2seq's decoder."""
-    from tunelab.tasks.base import padded_length
-
     shape = (len(examples), padded_length(max(len(e["input_ids"]) for e in examples), multiple))
     return shape + (max(len(e["labels"]) for e in examples),) if decoder else shape
 
@@ -204,8 +214,6 @@ def padded_tokens(shape: tuple[int, ...]) -> int:
 
 def epoch_plan(train: list[dict[str, Any]], config: Config, multiple: int = 1) -> list[Step]:
     """The optimizer steps of the first epoch, batched as `fit` batches them (one process)."""
-    from tunelab.loop import length_batches
-
     lengths = [len(e["input_ids"]) for e in train]
     batches = length_batches(
         lengths, batch_size(config), random.Random(config.seed), config.train.length_bucketing
@@ -283,11 +291,6 @@ def time_cache_pass(model: Any, train: list[dict[str, Any]], task: Any, pad_id: 
     (`FrozenCache.build`) on a random sample of up to CACHE_SAMPLE_ROWS rows, after a small
     warm-up pass, and scaling by padded tokens; None where no cache applies. (The probe's own
     pass covers only its few rows, spread over all lengths: too few and too padded to scale.)"""
-    from tunelab.device import autocast, resolve_precision
-    from tunelab.speed import FrozenCache, cache_batches, cache_mb
-    from tunelab.speed import cache as speed_cache
-    from tunelab.tasks.base import padded_length
-
     dtype, size = resolve_precision(config.train.precision, device), config.train.eval_batch_size
     rows = random.Random(config.seed).sample(range(len(train)), min(len(train), CACHE_SAMPLE_ROWS))
     sample = [train[i] for i in rows]
@@ -306,7 +309,7 @@ def time_cache_pass(model: Any, train: list[dict[str, Any]], task: Any, pad_id: 
     if warm is None:
         return None
     warm.close()
-    if cache_mb(sum(len(e["input_ids"]) for e in train), warm.table.shape[1]) > speed_cache.CACHE_BUDGET_MB:
+    if cache_mb(sum(len(e["input_ids"]) for e in train), warm.table.shape[1]) > CACHE_BUDGET_MB:
         return None  # too large: the run trains without the cache
     began = time.perf_counter()
     build(sample).close()
@@ -317,16 +320,7 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
     """In the child process: build the method's model, run the probe steps through `fit`, then
     the memory steps (`memory_steps`), and return each probe step's (padded tokens, seconds, new
     batch shapes), the eval pass time, the peak memory and the memory steps' growth."""
-    import torch
     import tqdm.auto  # noqa: F401  (the loop imports it before its clock starts; so do we)
-
-    from tunelab import speed
-    from tunelab.config import load_config
-    from tunelab.device import peak_rss_mb, pick_device
-    from tunelab.loop import fit
-    from tunelab.methods import METHODS
-    from tunelab.models import count_params
-    from tunelab.run import build_model, load_inputs
 
     config = load_config(spec["config"])
     model_path, tokenizer, task, splits = load_inputs(config)
@@ -422,8 +416,6 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
 def allocated_mb() -> float | None:
     """Memory that malloc has handed out and not yet been given back (glibc's `mallinfo2`: heap
     and mmapped blocks, every arena), in MB; None where the C library does not say."""
-    import ctypes
-    import ctypes.util
 
     class MallInfo2(ctypes.Structure):
         _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
@@ -462,8 +454,6 @@ def run_probe(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
 
 def chosen_methods(methods: str | list[str] | None, configured: str) -> list[str]:
     """The methods to estimate: the configured one first, then the others in the usual order."""
-    from tunelab.methods import METHODS
-
     names = list(METHODS) if methods is None else methods.split(",") if isinstance(methods, str) else methods
     names = [m.strip() for m in names if m.strip()]
     unknown = [m for m in names if m not in METHODS]
@@ -492,13 +482,6 @@ def estimate(
     Raises TunelabError for bad options, config or data (as `train` does) and when the
     configured method cannot train; other methods that cannot are skipped, with the reason.
     """
-    import torch
-
-    from tunelab.config import save_config
-    from tunelab.console import say as stderr_say
-    from tunelab.device import pick_device, precision_name, resolve_precision
-    from tunelab.run import load_inputs, run_config
-
     say = say or stderr_say
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ConfigError(f"--steps must be an integer >= 1, got {steps!r}")
@@ -612,8 +595,6 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     spec = json.loads(Path(args[1]).read_text())
-    from tunelab.config import load_config
-    from tunelab.run import process_settings
 
     try:
         with process_settings(load_config(spec["config"])):  # the threads and determinism training uses
