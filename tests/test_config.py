@@ -297,6 +297,8 @@ def test_every_leaf_field_has_a_doc():
             "data",
             "train",
             "classification",
+            "mlm",
+            "qa",
             "full",
             "freeze",
             "lora",

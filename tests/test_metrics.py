@@ -131,8 +131,10 @@ def test_the_metric_names_the_config_accepts_are_the_ones_each_task_scores():
         entity_metrics,
         multilabel_metrics,
         regression_metrics,
+        squad_metrics,
     )
     from tunelab.tasks.causal_lm import CausalLMTask
+    from tunelab.tasks.masked_lm import MaskedLMTask
     from tunelab.tasks.seq2seq import Seq2SeqTask
 
     scored = {
@@ -141,6 +143,8 @@ def test_the_metric_names_the_config_accepts_are_the_ones_each_task_scores():
         "token-classification": entity_metrics([["B-PER", "O"]], [["B-PER", "O"]]),
         "causal-lm": CausalLMTask(load_config(task="causal-lm")).metrics([np.array([2.0, 4.0])], []),
         "seq2seq": Seq2SeqTask(load_config(task="seq2seq")).metrics([np.array([2.0, 4.0])], []),
+        "masked-lm": MaskedLMTask(load_config(task="masked-lm")).metrics([np.array([2.0, 4.0, 1.0])], []),
+        "question-answering": squad_metrics([["Paris"]], ["Paris"], version_2=True),
     }
     assert set(scored) == set(TASK_METRICS)
     for task, names in TASK_METRICS.items():

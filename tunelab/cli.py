@@ -113,6 +113,13 @@ def format_prediction(result: dict[str, Any]) -> str:
     """One prediction as text: label (scores), labels (scores), a value, or entity lines."""
     if "generation" in result:
         return result["generation"]
+    if "answer" in result:
+        if result["answer"] is None:
+            return f"(no answer)\t{result['score']:.4f}"
+        return f"{result['answer']}\t{result['start']}-{result['end']}\t{result['score']:.4f}"
+    if "masks" in result:
+        return "\n".join([result["filled"]] + [", ".join(f"{c['token']} {c['score']:.4f}" for c in options)
+                                               for options in result["masks"]])  # fmt: skip
     if "entities" in result:
         return "\n".join(f"{e['text']}\t{e['type']}\t{e['start']}-{e['end']}\t{e['score']:.4f}"
                          for e in result["entities"]) or "(no entities)"  # fmt: skip
@@ -127,13 +134,20 @@ def format_prediction(result: dict[str, Any]) -> str:
 def cmd_predict(args: argparse.Namespace) -> int:
     from tunelab.run import load
 
-    if (args.text is None) == (args.file is None):
-        raise TunelabError("give either TEXT or --file FILE to predict on")
+    question = args.question is not None or args.context is not None
+    if (args.text is None) + (args.file is None) + (not question) != 2:
+        raise TunelabError("give one of TEXT, --file FILE, or --question Q --context C to predict on")
+    if question and (args.question is None or args.context is None):
+        raise TunelabError("question answering needs both --question and --context")
     run = load(args.run)
     generation_options(run, args)
+    if question:
+        result = run.predict([args.question], [args.context])[0]
+        print(json.dumps(result, ensure_ascii=False) if args.json else format_prediction(result))
+        return 0
     if args.text is not None:
         for result in run.predict([args.text]):
-            print(format_prediction(result))
+            print(json.dumps(result, ensure_ascii=False) if args.json else format_prediction(result))
         return 0
     results = run.predict_file(args.file)
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
@@ -201,9 +215,28 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from tunelab.export import export
 
+    if args.onnx:  # encoders as ONNX Runtime graphs: tunelab/onnx_export.py
+        from tunelab.onnx_export import export_onnx
+
+        if args.merge or args.adapter_only:
+            raise TunelabError("choose one: --merge, --adapter-only or --onnx")
+        export_onnx(args.run, args.out, int8=args.int8, say=lambda m: print(m, file=sys.stderr))
+        return 0
+    if args.int8:
+        raise TunelabError("--int8 quantizes an ONNX export: use it with --onnx")
+    if args.gguf:  # decoders for llama.cpp / Ollama: tunelab/gguf_export/
+        from tunelab.gguf_export import export_gguf
+
+        if args.merge or args.adapter_only:
+            raise TunelabError("choose one: --merge, --adapter-only, --onnx or --gguf")
+        export_gguf(args.run, args.out, quant=args.quant or "f16", say=lambda m: print(m, file=sys.stderr))
+        return 0
+    if args.quant:
+        raise TunelabError("--quant picks the GGUF weight type: use it with --gguf")
     if args.merge == args.adapter_only:
         raise TunelabError(
-            "choose one: --merge (a plain Hugging Face model) or --adapter-only (a PEFT adapter)"
+            "choose one: --merge (a plain Hugging Face model), --adapter-only (a PEFT adapter), "
+            "--onnx (ONNX Runtime, encoders) or --gguf (llama.cpp / Ollama, decoders)"
         )
     export(args.run, args.out, merge=args.merge, say=lambda m: print(m, file=sys.stderr))
     return 0
@@ -263,6 +296,16 @@ def cmd_augment(args: argparse.Namespace) -> int:
     print(f"tunelab: {len(table)} rows + {len(augmented) - len(table)} augmented written to {args.output}",
           file=sys.stderr)  # fmt: skip
     return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from tunelab.config import load_config
+    from tunelab.datacheck import main as data_check
+
+    config_path, overrides = None, list(args.overrides)
+    if overrides and "=" not in overrides[0]:
+        config_path = overrides.pop(0)
+    return data_check(load_config(config_path, overrides), as_json=args.json, strict=args.strict)
 
 
 def config_help() -> str:
@@ -327,7 +370,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="predict labels (or generate answers) for a text or a file")
     p.add_argument("run", help="run directory")
     p.add_argument("text", nargs="?", help="one input text")
-    p.add_argument("--file", help="CSV/TSV/JSON/JSONL/Parquet file with the training text column")
+    p.add_argument(
+        "--file",
+        help="CSV/TSV/JSON/JSONL/Parquet file with the training text column "
+        "(question answering: question and context columns, or SQuAD JSON)",
+    )
+    p.add_argument("--question", help="question answering: the question (with --context)")
+    p.add_argument("--context", help="question answering: the passage that holds the answer")
+    p.add_argument("--json", action="store_true", help="print the prediction as one JSON object")
     p.add_argument("--output", help="write JSON lines here instead of standard output")
     add_generation_flags(p)
     p.set_defaults(func=cmd_predict)
@@ -346,6 +396,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--adapter-only", action="store_true", help="the PEFT adapter (+ head): PeftModel.from_pretrained"
     )
+    p.add_argument("--onnx", action="store_true", help="encoders: an ONNX graph for ONNX Runtime, checked")
+    p.add_argument("--int8", action="store_true", help="with --onnx: also a dynamically quantized int8 graph")
+    p.add_argument("--gguf", action="store_true",
+                   help="causal-lm decoders: one GGUF file for llama.cpp / Ollama (+ Modelfile), checked")  # fmt: skip
+    p.add_argument("--quant", metavar="TYPE", help="with --gguf: f16 (default), bf16, q8_0, q4_0 or q4_k_m")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("compare", help="train every method on the same data and budget; report and recommend",
@@ -378,7 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_estimate)
 
     p = sub.add_parser("serve", help="serve a run or exported model over HTTP (OpenAI-style API + a page)")
-    p.add_argument("run", help="run directory, or a Hugging Face folder from tunelab export --merge")
+    p.add_argument(
+        "run", help="run directory, a folder from tunelab export (--merge, --onnx, --gguf), or a .gguf file"
+    )
     p.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
     )
@@ -394,6 +451,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="CONFIG|key=value", help="as for train (data.augment.*)")
     p.add_argument("--output", required=True, help="where to write: .csv, .tsv, .json or .jsonl")
     p.set_defaults(func=cmd_augment)
+
+    p = sub.add_parser("data", help="check the data before training (tunelab data check CONFIG)")
+    p = p.add_subparsers(dest="data_command", required=True, metavar="check").add_parser(
+        "check", help="what training makes of the data: counts, lengths, cuts, leakage, chat targets",
+        description="tunelab data check [CONFIG.yaml] [key=value ...] [--json] [--strict]")  # fmt: skip
+    p.add_argument("overrides", nargs="*", metavar="CONFIG|key=value", help="as for train")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--strict", action="store_true", help="exit 1 on warnings too (errors exit 2)")
+    p.set_defaults(func=cmd_data_check)
     return parser
 
 
@@ -402,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     # `train` overrides may come before or after flags: `train a=1 --overwrite b=2`.
     args, extra = parser.parse_known_args(argv)
     args.argv = argv
-    if args.command in ("train", "augment", "compare", "estimate") and all(
+    if args.command in ("train", "augment", "compare", "estimate", "data") and all(
         "=" in e and not e.startswith("-") for e in extra
     ):
         args.overrides += extra

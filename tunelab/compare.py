@@ -224,8 +224,10 @@ def no_training_baseline(config: Config) -> dict[str, Any]:
     """Scores of the no-training floor on the same validation/test rows training uses."""
     if config.task in GENERATIVE_TASKS:
         scores, kind = _untuned_generative(config), "the un-tuned model"
-    elif config.task == "token-classification":
-        raise TunelabError("no no-training baseline for token-classification; leave 'none' out of --methods")
+    elif config.task in ("token-classification", "question-answering"):
+        raise TunelabError(f"no no-training baseline for {config.task}; leave 'none' out of --methods")
+    elif TASKS[config.task](config).scores_baseline:  # masked-lm: the un-tuned model itself
+        scores, kind = _untuned(config), "the un-tuned model"
     elif _is_decoder(resolve_model(config.model)) and config.task == "classification":
         scores, kind = _prompted_classifier(config), "few-shot prompting (label likelihood)"
     else:
@@ -355,6 +357,19 @@ def _untuned_generative(config: Config) -> dict[str, Any]:
             out[name], _ = task.evaluate_model(model, tokenizer, rows, device, dtype, generate=name == "test"
                                                or splits.test is None)  # fmt: skip
     return out
+
+
+def _untuned(config: Config) -> dict[str, Any]:
+    """The un-tuned model's metrics on validation/test, for tasks that score it (masked-lm)."""
+    task = TASKS[config.task](config)
+    tokenizer = load_tokenizer(resolve_model(config.model))
+    splits = task.load_splits(tokenizer)
+    device = pick_device()
+    dtype = resolve_precision(config.train.precision, device)
+    model = task.base_model().to(device).eval()
+    return {name: task.metrics(task.outputs(model, rows, tokenizer.pad_token_id, config.train.eval_batch_size,
+                                            device, dtype), rows)
+            for name, rows in (("validation", splits.validation), ("test", splits.test)) if rows}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ report

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import os
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -111,7 +112,8 @@ class DataConfig:
         check=at_least(2),
     )
     block_size: int | None = doc(
-        "causal-lm on plain text: cut the token stream into blocks of this many tokens; default: max_length.",
+        "causal-lm and masked-lm on plain text: cut the token stream into blocks of this many tokens; "
+        "default: max_length.",
         check=at_least(2),
     )
     template: str = doc(
@@ -121,14 +123,40 @@ class DataConfig:
     train_on_prompt: bool = doc(
         "causal-lm: also compute the loss on prompt/user tokens, not only the answers.", False
     )
-    packing: bool = doc(
-        "causal-lm: pack short examples into full rows (attention stays within each example).", False
+    packing: bool | None = doc(
+        "causal-lm: pack short examples into full rows (attention stays within each example); masked-lm: "
+        "concatenate the texts into block_size blocks (false: one text per row); null: on for masked-lm only.",
+        None,
     )
     fill: dict[str, str] | None = doc("Replace `{{key}}` placeholders in the texts, e.g. data.fill.name=Ada.")
     source_column: str = doc("seq2seq: column holding the input text.", "source")
     target_column: str = doc("seq2seq: column holding the target text.", "target")
     shots_per_class: int | None = doc(
         "Few-shot: keep this many training rows per class (seeded).", check=at_least(1)
+    )
+    question_column: str = doc("question-answering (flat rows): column holding the question.", "question")
+    context_column: str = doc(
+        "question-answering (flat rows): column holding the context passage.", "context"
+    )
+    answers_column: str = doc(
+        "question-answering (flat rows): column of `{text: [...], answer_start: [...]}` (empty lists: "
+        "no answer).",
+        "answers",
+    )
+    doc_stride: int = doc(
+        "question-answering: tokens shared by consecutive windows of a context longer than max_length.",
+        128,
+        check=at_least(1),
+    )
+    fix_offsets: bool = doc(
+        "question-answering: when an answer's text is not at its answer_start, use its nearest occurrence "
+        "in the context instead of stopping with an error.",
+        False,
+    )
+    check: bool = doc(
+        "Check the data at the start of `train` (counts, rows cut by max_length, train/test overlap, the "
+        "end-of-turn target) and print a short summary; `tunelab data check` prints the whole report.",
+        True,
     )
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -203,6 +231,12 @@ class TrainConfig:
         "`auto`: continue from the latest checkpoint of an unfinished run in output_dir.", "never"
     )
     progress_bar: bool = doc("Show a progress bar with loss, throughput and ETA.", True)
+    report_to: list[Literal["tensorboard", "mlflow", "trackio"]] = doc(
+        "Experiment trackers that get metrics.jsonl's scalars, the config and eval.json (rank 0): "
+        "`tensorboard` (<run>/tensorboard), `mlflow`, `trackio` (its local store); see docs/training.md.",
+        [],
+    )
+    mlflow_uri: str | None = doc("MLflow tracking URI; default: a file store `mlruns` beside the run folder.")
 
 
 @dataclass
@@ -210,6 +244,28 @@ class ClassificationConfig:
     multi_label: bool = doc("Each row may carry any number of labels (a list, or separated text).", False)
     threshold: float | None = doc(
         "Multi-label decision threshold; null: tuned on validation.", check=OPEN_UNIT
+    )
+
+
+@dataclass
+class MlmConfig:
+    probability: float = doc("masked-lm: share of tokens chosen for prediction (80% [MASK], 10% random, "
+                             "10% kept).", 0.15, check=OPEN_UNIT)  # fmt: skip
+    whole_word: bool = doc("masked-lm: choose whole words (every sub-token of a chosen word).", False)
+    top_k: int = doc("masked-lm predict: candidate tokens listed for each [MASK].", 5, check=at_least(1))
+
+
+@dataclass
+class QaConfig:
+    max_answer_length: int = doc("question-answering: longest answer span, in tokens.", 30, check=at_least(1))
+    n_best: int = doc(
+        "question-answering: start and end candidates per window when searching for the best span.",
+        20,
+        check=at_least(1),
+    )
+    null_threshold: float | None = doc(
+        "question-answering with unanswerable questions: answer only when the best span's score beats the "
+        "no-answer score by more than this; null: tuned on validation (saved in the run).",
     )
 
 
@@ -299,15 +355,23 @@ MethodName = Literal["full", "freeze", "lora", "adapter", "prefix", "prompt", "i
 @dataclass
 class Config:
     model: str = doc("Built-in name (minilm-l6), local folder, or hub id.", "minilm-l6")
-    task: Literal["classification", "regression", "token-classification", "causal-lm", "seq2seq"] = doc(
-        "What the model learns to do.", "classification"
-    )
+    task: Literal[
+        "classification",
+        "regression",
+        "token-classification",
+        "causal-lm",
+        "seq2seq",
+        "masked-lm",
+        "question-answering",
+    ] = doc("What the model learns to do.", "classification")
     method: MethodName = doc("What trains (see docs/methods.md).", "lora")
     output_dir: str | None = doc("Run directory; default runs/<model>-<method>-<time>.")
     seed: int = doc("Seed for data order, splits, initialisation and dropout.", 42)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     classification: ClassificationConfig = field(default_factory=ClassificationConfig)
+    mlm: MlmConfig = field(default_factory=MlmConfig)
+    qa: QaConfig = field(default_factory=QaConfig)
     full: FullConfig = field(default_factory=FullConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -508,6 +572,7 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{key}: {value!r} {check.rule}")
     check_metric(config)
     check_precision(config.train.precision)
+    check_trackers(config.train.report_to)
 
 
 def field_checks(section: Any, prefix: str = "") -> list[tuple[str, Any, Check]]:
@@ -531,6 +596,14 @@ def check_metric(config: Config) -> None:
                           f"choose one of: auto, {', '.join(names)}")  # fmt: skip
 
 
+def check_trackers(names: Sequence[str]) -> None:
+    """Each tracker of `train.report_to` has its library installed (checked without importing it)."""
+    for name in names:
+        if importlib.util.find_spec(name) is None:
+            raise ConfigError(f"train.report_to: {name} is not installed; pip install 'tunelab[{name}]' "
+                              f"(or pip install {'mlflow-skinny' if name == 'mlflow' else name})")  # fmt: skip
+
+
 def check_precision(precision: str) -> None:
     """`train.precision` is one this machine's device computes in (fp16 needs a GPU; bf16
     needs bf16 kernels)."""
@@ -548,6 +621,8 @@ def max_length(config: Config) -> int:
     """`data.max_length`, or the task's default when it is not set."""
     if config.data.max_length is not None:
         return config.data.max_length
+    if config.task == "question-answering":  # question and context share each window
+        return 384
     return 512 if config.task in GENERATIVE_TASKS else 128
 
 

@@ -6,6 +6,11 @@ before it is reported.
   loadable by `AutoModelFor...from_pretrained(DIR)` without tunelab.
 - `--adapter-only`: the PEFT adapter folder (with the trained task head as
   `modules_to_save`), loadable by `peft.PeftModel.from_pretrained(base, DIR)`.
+- `--onnx [--int8]` (encoders): ONNX Runtime graphs, in `onnx_export.py`.
+- `--gguf [--quant ...]` (causal-lm decoders): one GGUF file for llama.cpp and Ollama, with a
+  Modelfile, checked in llama.cpp; in `gguf_export/`.
+
+Every export also writes its model card, `README.md` (`model_card.py`).
 
 Each export is written to a hidden sibling folder, reloaded the way a user would load it
 (plain transformers / peft, no tunelab code), run on a few held-out inputs next to the
@@ -26,6 +31,8 @@ import torch
 from tunelab.errors import TunelabError
 from tunelab.generation import stop_token_ids
 from tunelab.methods import METHODS
+from tunelab.methods.common import output_logits
+from tunelab.model_card import write_model_card
 from tunelab.models import resolve_model
 from tunelab.run import Run
 
@@ -35,6 +42,8 @@ AUTO_CLASSES = {
     "token-classification": "AutoModelForTokenClassification",
     "causal-lm": "AutoModelForCausalLM",
     "seq2seq": "AutoModelForSeq2SeqLM",
+    "masked-lm": "AutoModelForMaskedLM",
+    "question-answering": "AutoModelForQuestionAnswering",
 }
 TOLERANCE = 1e-3  # max |logit difference| between the export and the training-time model (fp32)
 PROBE_TEXTS = ["The service was quick and friendly.", "Angela Merkel visited Paris last week.",
@@ -70,7 +79,7 @@ def probe_examples(run: Any, n: int = 8) -> list[dict[str, Any]]:
 def max_difference(a: torch.nn.Module, b: torch.nn.Module, batch: dict[str, torch.Tensor]) -> float:
     a.eval()
     b.eval()
-    return float((a(**batch).logits.float() - b(**batch).logits.float()).abs().max())
+    return float((output_logits(a(**batch)) - output_logits(b(**batch))).abs().max())
 
 
 def export(run_dir: str | Path, out: str | Path, merge: bool, say: Any = print) -> dict[str, Any]:
@@ -110,6 +119,7 @@ def export(run_dir: str | Path, out: str | Path, merge: bool, say: Any = print) 
             report = _export_adapter(run, tmp, batch)
         report.update(_chat_check(run, tmp))
         (tmp / "export.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_model_card(run, tmp, report["kind"], report)  # README.md: the Hugging Face model card
         if report["max_abs_diff"] > TOLERANCE:
             raise TunelabError(f"export check failed: the reloaded export's logits differ from the run's by "
                                f"{report['max_abs_diff']:.3g} (tolerance {TOLERANCE:g}); nothing was written to {out}")  # fmt: skip

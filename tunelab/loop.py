@@ -315,6 +315,8 @@ def frozen_cache_refusal(config: Config, task: Task, fsdp: bool) -> str | None:
         return f"method {config.method} trains or changes the lower layers"
     if task.generative:
         return "generation runs the whole model"
+    if task.fresh_inputs:
+        return f"the {task.name} task draws new inputs every epoch (masking)"
     if fsdp:
         return "FSDP shards hold the layers"
     return None

@@ -9,6 +9,8 @@ Generation metrics use the reference implementations: sacrebleu (BLEU) and rouge
 from __future__ import annotations
 
 import re
+import string
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -28,6 +30,8 @@ TASK_METRICS = {
     "token-classification": ("f1_micro", "precision_micro", "recall_micro", "f1_macro", "accuracy"),
     "causal-lm": ("loss", "perplexity"),
     "seq2seq": ("loss", "perplexity"),
+    "masked-lm": ("loss", "perplexity", "accuracy"),
+    "question-answering": ("f1", "exact_match"),
 }
 
 
@@ -254,3 +258,62 @@ def generation_metrics(references: list[str], predictions: list[str]) -> dict[st
                                         for r, p in zip(references, predictions)]))  # fmt: skip
     out["generated"] = len(references)
     return out
+
+
+# ------------------------------------------------------------------------ extractive QA
+# Written out from the official SQuAD evaluation scripts (evaluate-v1.1.py, evaluate-v2.0.py):
+# they are single files, not packages, and the scores must match them to the digit.
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
+_PUNCTUATION = set(string.punctuation)
+
+
+def squad_normalize(text: str) -> str:
+    """The official normalisation: lower case, punctuation out, articles (a, an, the) out,
+    whitespace collapsed."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def squad_exact(gold: str, prediction: str) -> int:
+    return int(squad_normalize(gold) == squad_normalize(prediction))
+
+
+def squad_f1(gold: str, prediction: str, version_2: bool = True) -> float:
+    """Token-overlap F1 of the normalised answers. v2.0: when either side is empty (no answer),
+    1 if both are, else 0; v1.1 scores an empty side 0."""
+    gold_tokens, pred_tokens = squad_normalize(gold).split(), squad_normalize(prediction).split()
+    if version_2 and (not gold_tokens or not pred_tokens):
+        return float(gold_tokens == pred_tokens)
+    same = sum((Counter(gold_tokens) & Counter(pred_tokens)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred_tokens), same / len(gold_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def squad_metrics(golds: list[list[str]], predictions: list[str], version_2: bool) -> dict[str, Any]:
+    """Exact match and F1 (0-1), each the max over a question's gold answers, averaged over
+    questions, as the official scripts compute them. v2.0: gold answers that normalise to
+    nothing are dropped, and a question left with none (unanswerable) has the empty string as
+    its one gold answer, so only an empty prediction scores; adds HasAns_/NoAns_ figures."""
+    exact, f1, answerable = [], [], []
+    for answers, prediction in zip(golds, predictions):
+        if version_2:
+            answers = [a for a in answers if squad_normalize(a)] or [""]
+        answerable.append(answers != [""])
+        exact.append(max(squad_exact(a, prediction) for a in answers))
+        f1.append(max(squad_f1(a, prediction, version_2) for a in answers))
+    out: dict[str, Any] = {"exact_match": _mean(exact), "f1": _mean(f1), "total": len(exact)}
+    if version_2:
+        for prefix, keep in (("HasAns", True), ("NoAns", False)):
+            rows = [i for i, a in enumerate(answerable) if a == keep]
+            if rows:
+                out[f"{prefix}_exact"] = _mean([exact[i] for i in rows])
+                out[f"{prefix}_f1"] = _mean([f1[i] for i in rows])
+            out[f"{prefix}_total"] = len(rows)
+    return out
+
+
+def _mean(values: list[Any]) -> float:
+    return float(np.mean(values)) if values else 0.0

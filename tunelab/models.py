@@ -114,6 +114,12 @@ def resolve_model(name: str) -> str:
             return str(converted_gguf(name, folder, sub))
         return str(folder / sub)
     path = Path(name).expanduser()
+    if (path / "config.yaml").is_file() and (path / "model").is_dir():  # a tunelab run: chain from it
+        if resolves_plain(path):
+            encoder = path / "encoder"
+            return str(encoder if (encoder / "config.json").is_file() else path / "model")
+        raise ConfigError(f"model: the run {path} holds adapters or trained layers only; `tunelab train` "
+                          f"with model={path} folds them into {path / 'encoder'} first")  # fmt: skip
     if path.exists():
         if not (path / "config.json").is_file():
             raise ConfigError(
@@ -127,6 +133,16 @@ def resolve_model(name: str) -> str:
         f"model '{name}' is neither a built-in model ({', '.join(BUILTIN_MODELS)}), "
         f"an existing folder, nor a hub id like 'org/name'"
     )
+
+
+def resolves_plain(run: Path) -> bool:
+    """Whether a run directory already offers plain weights to start from: its folded
+    `encoder/`, or a `model/` holding the whole model (full fine-tuning)."""
+    if (run / "encoder" / "config.json").is_file():
+        return True
+    model = run / "model"
+    has_weights = any(model.glob("model*.safetensors")) or any(model.glob("pytorch_model*.bin"))
+    return (model / "config.json").is_file() and has_weights and not (model / "adapter_config.json").exists()
 
 
 def load_tokenizer(path: str) -> Any:

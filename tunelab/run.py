@@ -39,15 +39,17 @@ from tunelab.checkpoint import latest_checkpoint
 from tunelab.config import Config, load_config, save_config, to_dict
 from tunelab.console import say
 from tunelab.data import is_missing, read_table, require_columns
+from tunelab.datacheck import check_data
 from tunelab.device import peak_rss_mb, pick_device, precision_used, resolve_precision
 from tunelab.dist import device_for, full_state, init_distributed, shutdown
 from tunelab.errors import ConfigError, Interrupted, TunelabError
 from tunelab.loop import fit
 from tunelab.methods import METHODS, plain_weights
 from tunelab.methods.common import merge_checked
-from tunelab.models import count_params, load_tokenizer, quiet_transformers, resolve_model
+from tunelab.models import count_params, load_tokenizer, quiet_transformers, resolve_model, resolves_plain
 from tunelab.tasks import TASKS
 from tunelab.tasks.generative import write_samples
+from tunelab.trackers import Trackers
 
 
 def seed_everything(seed: int) -> None:
@@ -182,6 +184,9 @@ class Run:
             prompts = self.task.file_prompts(self.task.read(str(path), need_labels=False), self.tokenizer)
             answers = self.generate([p for _, p in prompts])
             return [{"prompt": shown, "generation": a} for (shown, _), a in zip(prompts, answers)]
+        if hasattr(self.task, "file_inputs"):  # inputs other than the text column (question + context)
+            shown, texts, pairs = self.task.file_inputs(str(path))
+            return [{**s, **p} for s, p in zip(shown, self.predict(texts, pairs))]
         d = self.config.data
         table = read_table(path, "auto" if d.format == "conll" else d.format)
         columns = [d.text_column] + ([d.text_pair_column] if d.text_pair_column else [])
@@ -298,12 +303,36 @@ def load_inputs(config: Config) -> tuple[str, Any, Any, Any]:
     """(model path, tokenizer, task, splits) of a run, seeded, with the labels filled into
     `config.data.labels`. Call it inside `process_settings(config)`."""
     seed_everything(config.seed)
+    encoder_from_run(config.model)
     model_path = resolve_model(config.model)
     tokenizer = load_tokenizer(model_path)
     task = TASKS[config.task](config)
     splits = task.load_splits(tokenizer)
     config.data.labels = list(task.labels) if task.labels and config.task != "regression" else None
     return model_path, tokenizer, task, splits
+
+
+def encoder_from_run(model: str) -> None:
+    """When `model:` names a finished run whose weights are not plain (adapters, or only the
+    trained layers), fold them once into a plain model folder `<run>/encoder` (written under a
+    temporary name), which `resolve_model` then reads. The config keeps the run's path, so it
+    records where the weights came from; a new task head replaces the run's own (an MLM head
+    is dropped by `from_pretrained`)."""
+    path = Path(model).expanduser()
+    if not (path / "config.yaml").is_file() or not (path / "model").is_dir() or resolves_plain(path):
+        return
+    source = Run.load(path)
+    method = METHODS[source.config.method]
+    if method.merge is None:
+        raise ConfigError(f"model: the run {path} was trained with method={source.config.method}, which "
+                          f"cannot be merged into plain weights; start from a full, freeze, lora or ia3 run")  # fmt: skip
+    say(f"model: folding {path}'s {source.config.method} weights into {path / 'encoder'} (once)")
+    plain: Any = method.merge(source.model.to("cpu").float())  # a transformers model
+    tmp = path / f".encoder.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp)
+    source.tokenizer.save_pretrained(tmp)
+    tmp.rename(path / "encoder")
 
 
 def build_model(config: Config, task: Any, method: Any, model_path: str, tokenizer: Any) -> torch.nn.Module:
@@ -364,6 +393,9 @@ def train_in_process(config: Config, resume: bool, overwrite: bool) -> Run:
     speak(f"data: {len(splits.train)} train, {len(splits.validation)} validation"
           + (f", {len(splits.test)} test" if splits.test else "")
           + (f"; labels: {', '.join(task.labels)}" if config.data.labels else ""))  # fmt: skip
+    if config.data.check and dist.is_main:
+        for line in check_data(config, tokenizer, task, splits).short_lines():
+            say(line)
 
     model = build_model(config, task, method, model_path, tokenizer)
     trainable, total = count_params(model)
@@ -381,11 +413,13 @@ def train_in_process(config: Config, resume: bool, overwrite: bool) -> Run:
         env = environment(config, device, splits.files, speed.report_for(model).as_dict())
         write_json(tmp / "env.json", env)
     done = json.loads((checkpoint / "state.json").read_text())["result"]["steps"] if checkpoint else 0
+    trackers = Trackers(config, tmp, done, enabled=dist.is_main)  # train.report_to, on rank 0
     try:
-        with metrics_log(tmp / "metrics.jsonl", keep_until=done, enabled=dist.is_main) as log:
+        with metrics_log(tmp / "metrics.jsonl", done, dist.is_main, trackers) as log:
             result = fit(model, task, splits.train, splits.validation, config, lr, tokenizer.pad_token_id, log,
                          device, checkpoint_dir=tmp / "checkpoints", resume_from=checkpoint, dist=dist)  # fmt: skip
     except Interrupted as e:
+        trackers.finish(tmp, None, "KILLED")
         shutdown(dist)
         raise Interrupted(f"{e}; resume with: tunelab train --resume {out}") from None
     if dist.active and config.train.distributed == "fsdp":
@@ -398,14 +432,16 @@ def train_in_process(config: Config, resume: bool, overwrite: bool) -> Run:
         shutdown(dist)
         return Run(out, config, task, model, tokenizer)
     run = finish_run(config, task, method, model, tokenizer, splits, result, lr, tmp, out)
+    trackers.finish(out, json.loads((out / "eval.json").read_text()))
     shutdown(dist)
     return run
 
 
 @contextmanager
-def metrics_log(path: Path, keep_until: int, enabled: bool) -> Iterator[Callable[[dict[str, Any]], None]]:
-    """A writer of metrics.jsonl lines; on resume, lines after the checkpoint's step are dropped
-    (they will be written again)."""
+def metrics_log(path: Path, keep_until: int, enabled: bool,
+                trackers: Trackers | None = None) -> Iterator[Callable[[dict[str, Any]], None]]:  # fmt: skip
+    """A writer of metrics.jsonl lines, each also sent to the `trackers`; on resume, lines after
+    the checkpoint's step are dropped (they will be written again)."""
     if not enabled:
         yield lambda entry: None
         return
@@ -418,8 +454,14 @@ def metrics_log(path: Path, keep_until: int, enabled: bool) -> Iterator[Callable
         def log(entry: dict[str, Any]) -> None:
             f.write(json.dumps(entry) + "\n")
             f.flush()
+            if trackers is not None:
+                trackers.log(entry)
 
-        yield log
+        try:
+            yield log
+        finally:
+            if trackers is not None:
+                trackers.pause()  # files closed before the run folder is renamed
 
 
 def finish_run(config: Config, task: Any, method: Any, model: torch.nn.Module, tokenizer: Any, splits: Any,
@@ -444,6 +486,16 @@ def finish_run(config: Config, task: Any, method: Any, model: torch.nn.Module, t
                 say(f"tuned on validation: {decided}")
         for name, logits in outputs.items():
             report[name] = task.metrics(logits, getattr(splits, name))
+        if task.scores_baseline and outputs:
+            say("scoring the un-tuned model on the same rows")
+            base = task.base_model().to(run.device).eval()
+            report["baseline"] = {
+                name: task.metrics(task.outputs(base, getattr(splits, name), tokenizer.pad_token_id,
+                                                config.train.eval_batch_size, run.device, run.dtype),
+                                   getattr(splits, name))
+                for name in outputs
+            }  # fmt: skip
+            del base
     report["train"] = {**result.summary(), "peak_rss_mb": round(rss, 1), "trainable_params": trainable,
                        "total_params": total, "learning_rate": lr, "train_examples": len(splits.train)}  # fmt: skip
     env = json.loads((tmp / "env.json").read_text())  # with the cache's outcome and the encoder's paths

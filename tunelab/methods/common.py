@@ -119,6 +119,15 @@ def peft_merge(model: nn.Module) -> nn.Module:
     return base
 
 
+def output_logits(output: Any) -> torch.Tensor:
+    """A model output's scores as one float tensor: `logits`, or for span heads (question
+    answering) the start and end logits side by side."""
+    logits = getattr(output, "logits", None)
+    if logits is None:
+        logits = torch.stack([output.start_logits, output.end_logits], -1)
+    return logits.float()
+
+
 @torch.no_grad()
 def merge_checked(method: Any, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[nn.Module, float]:
     """Merge with `method.merge` and return (merged model, max |logits difference|) on `batch`.
@@ -129,6 +138,6 @@ def merge_checked(method: Any, model: nn.Module, batch: dict[str, torch.Tensor])
     if method.merge is None:
         raise ValueError(f"{method.__name__.rsplit('.', 1)[-1]} cannot be merged into the base weights")
     model.eval()
-    before = model(**batch).logits.float()
+    before = output_logits(model(**batch))
     merged = method.merge(model).eval()
-    return merged, float((before - merged(**batch).logits.float()).abs().max())
+    return merged, float((before - output_logits(merged(**batch))).abs().max())

@@ -1,4 +1,5 @@
-"""Loading what `tunelab serve` serves: a run directory, or a plain Hugging Face folder.
+"""Loading what `tunelab serve` serves: a run directory, a plain Hugging Face folder, or an ONNX
+export (`tunelab.onnx_model`, run by ONNX Runtime).
 
 A folder from `tunelab export --merge` has no tunelab config; its task is read from the model's
 architecture and its labels from the model config, so it answers like the run it came from.
@@ -15,7 +16,9 @@ from tunelab.config import load_config
 from tunelab.device import pick_device
 from tunelab.errors import TunelabError
 from tunelab.models import load_tokenizer, quiet_transformers
+from tunelab.onnx_model import OnnxRun, is_onnx_export, load_onnx
 from tunelab.run import Run
+from tunelab.serve.gguf_backend import GgufRun, load_gguf
 from tunelab.tasks import TASKS
 
 
@@ -28,6 +31,10 @@ def task_of(hf: Any, path: Path) -> str:
     arch = " ".join(hf.architectures or [])
     if "TokenClassification" in arch:
         return "token-classification"
+    if "QuestionAnswering" in arch:
+        return "question-answering"
+    if "MaskedLM" in arch:
+        return "masked-lm"
     if "SequenceClassification" in arch:
         return "regression" if hf.problem_type == "regression" else "classification"
     if getattr(hf, "is_encoder_decoder", False):
@@ -37,8 +44,10 @@ def task_of(hf: Any, path: Path) -> str:
     raise TunelabError(f"{path}: cannot tell the task from the architecture {arch or '(none)'}")
 
 
-def load_served(path: str | Path) -> Run:
-    """A run directory, or a plain Hugging Face folder (e.g. from `tunelab export --merge`).
+def load_served(path: str | Path) -> Run | OnnxRun | GgufRun:
+    """A run directory, a plain Hugging Face folder (e.g. from `tunelab export --merge`), or an
+    ONNX export (`tunelab export --onnx`, run by ONNX Runtime: its int8 graph where it has one), or
+    a GGUF file or export (`tunelab export --gguf`, run by llama.cpp).
 
     Raises:
         TunelabError: the folder is neither, or its architecture has no tunelab task.
@@ -46,6 +55,11 @@ def load_served(path: str | Path) -> Run:
     path = Path(path)
     if (path / "config.yaml").is_file():
         return Run.load(path)
+    if is_onnx_export(path):
+        return load_onnx(path)
+    gguf = load_gguf(path)  # a .gguf file, or an export folder holding one (llama-cpp-python)
+    if gguf is not None:
+        return gguf
     if not (path / "config.json").is_file():
         raise TunelabError(
             f"{path} is neither a tunelab run (config.yaml) nor a Hugging Face model folder (config.json)"

@@ -1,7 +1,7 @@
 """The endpoints of `tunelab serve`, as an APIRouter over the app's shared `Served` state.
 
 `GET /health` (open, for probes), `GET /v1/models`; by task `POST /v1/classify`,
-`/v1/entities`, `/v1/predict`; for generative models `POST /v1/completions` and (causal-lm)
+`/v1/entities`, `/v1/predict`, `/v1/answer` (question answering); for generative models `POST /v1/completions` and (causal-lm)
 `/v1/chat/completions` in the OpenAI request/response shape, with `stream: true` as server-sent
 events ending in `[DONE]`; `GET /` is a small page to try the model. Inputs are checked against
 the limits before they reach the model worker.
@@ -23,7 +23,14 @@ from transformers import AsyncTextIteratorStreamer
 
 from tunelab.page import PAGE
 from tunelab.serve.limits import Limits
-from tunelab.serve.schemas import APIError, ChatRequest, CompletionRequest, InputRequest, Sampling
+from tunelab.serve.schemas import (
+    AnswerRequest,
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    InputRequest,
+    Sampling,
+)
 from tunelab.serve.worker import Decoding, Job, ServedRun, Worker, cut_at_stop
 
 # the endpoint each task answers on, for the 404 a request to another task's endpoint gets
@@ -33,6 +40,8 @@ ENDPOINT_OF_TASK = {
     "regression": "/v1/predict",
     "causal-lm": "/v1/chat/completions or /v1/completions",
     "seq2seq": "/v1/completions",
+    "question-answering": "/v1/answer",
+    "masked-lm": "/v1/predict",
 }
 STREAM_TIMEOUT_S = 600  # the longest wait for the next streamed piece before the stream fails
 
@@ -166,8 +175,23 @@ async def entities(body: InputRequest, state: ServedState) -> dict[str, Any]:
 
 @router.post("/v1/predict", dependencies=authorized)
 async def regress(body: InputRequest, state: ServedState) -> dict[str, Any]:
-    needs(state, "regression")
+    needs(state, "regression", "masked-lm")
     return await predict(state, body)
+
+
+@router.post("/v1/answer", dependencies=authorized)
+async def answer(body: AnswerRequest, state: ServedState) -> dict[str, Any]:
+    """Extractive answers: {answer, start, end, score} per question (answer null: none found)."""
+    needs(state, "question-answering")
+    questions, contexts = body.pairs()
+    check_inputs(state, questions, "question")
+    check_inputs(state, contexts, "context")
+    results = await state.worker.call("answer", [json.dumps([q, c]) for q, c in zip(questions, contexts)])
+    return {
+        "object": "list",
+        "model": state.model_id,
+        "data": [{"index": i, **r} for i, r in enumerate(results)],
+    }
 
 
 Chunk = Callable[[str, str | None], dict[str, Any]]  # (text, finish_reason) -> one streamed event

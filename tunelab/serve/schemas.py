@@ -56,6 +56,23 @@ class InputRequest(Body):
         return [self.input] if isinstance(self.input, str) else self.input
 
 
+class AnswerRequest(Body):
+    """`/v1/answer`: a question and the context that holds its answer, or lists of both."""
+
+    question: str | list[str]
+    context: str | list[str]
+    model: str | None = None
+
+    def pairs(self) -> tuple[list[str], list[str]]:
+        """(questions, contexts); raises APIError when the lists differ in length."""
+        questions = [self.question] if isinstance(self.question, str) else self.question
+        contexts = [self.context] if isinstance(self.context, str) else self.context
+        if len(questions) != len(contexts):
+            raise APIError(400, f"context: {len(contexts)} contexts for {len(questions)} questions; give one "
+                                f"context per question", param="context")  # fmt: skip
+        return questions, contexts
+
+
 class Sampling(Body):
     """The decoding options shared by completions and chat completions (OpenAI's names)."""
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import queue
 import threading
 import time
@@ -24,7 +25,7 @@ from typing import Any, Literal, Protocol
 
 from tunelab.serve.limits import Limits
 
-JobKind = Literal["predict", "generate", "stream"]
+JobKind = Literal["predict", "answer", "generate", "stream"]  # answer: inputs are JSON [question, context]
 # how long a stop waits for the model call in progress; a longer one is left to end with the process
 JOIN_TIMEOUT_S = 10.0
 
@@ -37,7 +38,7 @@ class ServedRun(Protocol):
     task: Any
     tokenizer: Any
 
-    def predict(self, texts: list[str]) -> list[dict[str, Any]]: ...
+    def predict(self, texts: list[str], pairs: list[str] | None = None) -> list[dict[str, Any]]: ...
 
     def generate(
         self,
@@ -225,6 +226,9 @@ class Worker:
         run = self.run
         if first.kind == "predict":
             return run.predict(inputs)
+        if first.kind == "answer":
+            questions, contexts = zip(*(json.loads(text) for text in inputs))
+            return run.predict(list(questions), list(contexts))
         decoding = first.decoding
         assert decoding is not None, "generation jobs carry their decoding settings"
         defaults = run.config.generation

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from tunelab.tasks.base import Task
 from tunelab.tasks.causal_lm import CausalLMTask
 from tunelab.tasks.classification import ClassificationTask
+from tunelab.tasks.masked_lm import MaskedLMTask
+from tunelab.tasks.question_answering import QuestionAnsweringTask
 from tunelab.tasks.regression import RegressionTask
 from tunelab.tasks.seq2seq import Seq2SeqTask
 from tunelab.tasks.token_classification import TokenClassificationTask
@@ -22,4 +24,6 @@ TASKS: dict[str, Callable[..., Task]] = {
     "token-classification": TokenClassificationTask,
     "causal-lm": CausalLMTask,
     "seq2seq": Seq2SeqTask,
+    "masked-lm": MaskedLMTask,
+    "question-answering": QuestionAnsweringTask,
 }

@@ -14,6 +14,7 @@ from tunelab.config import Config
 from tunelab.data import Table, sample, stratified_split
 from tunelab.device import autocast, to_device
 from tunelab.errors import DataError
+from tunelab.models import resolve_model
 
 
 class Task(Protocol):
@@ -25,6 +26,8 @@ class Task(Protocol):
     head_modules: tuple[str, ...]  # names of the task-head modules (always trained and saved)
     peft_task_type: str  # peft's TaskType for this task
     generative: bool  # generates text (causal-lm, seq2seq): scored on generations too
+    fresh_inputs: bool  # `collate` draws new inputs at every call (masking): nothing may cache them
+    scores_baseline: bool  # eval.json also holds the un-tuned model's metrics ("baseline")
     config: Config
     labels: list[str] | None  # label names, where the task has them
 
@@ -51,6 +54,10 @@ class Task(Protocol):
 
     def build_model(self, path: str) -> torch.nn.Module:
         """The pretrained model at `path` with this task's head."""
+        ...
+
+    def base_model(self) -> torch.nn.Module:
+        """The un-tuned pretrained model with this task's head (the baseline of the report)."""
         ...
 
     def collate(self, examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -97,6 +104,8 @@ class TaskBase:
     config: Config
     labels: list[str] | None
     generative = False  # generates text (causal-lm, seq2seq): scored on generations too
+    fresh_inputs = False  # `collate` draws new inputs at every call (masking): nothing may cache them
+    scores_baseline = False  # eval.json also holds the un-tuned model's metrics ("baseline")
 
     @property
     def pad_multiple(self) -> int:
@@ -106,6 +115,10 @@ class TaskBase:
     def build_model(self, path: str) -> torch.nn.Module:
         """The pretrained model at `path` with this task's head (each task defines it)."""
         raise NotImplementedError
+
+    def base_model(self) -> torch.nn.Module:
+        """The un-tuned pretrained model with this task's head, for the baseline rows of the report."""
+        return self.build_model(resolve_model(self.config.model))
 
     def collate(self, examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
         """Pad examples into one batch of tensors (each task defines it)."""
