@@ -246,7 +246,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limits = Limits(**{limit.name: getattr(args, limit.name) for limit in dataclasses.fields(Limits)})
     from tunelab.serve import serve  # FastAPI and uvicorn are optional: a one-line hint when missing
 
-    serve(args.run, host=args.host, port=args.port, api_key=args.api_key, limits=limits)
+    serve(args.run, host=args.host, port=args.port, api_key=args.api_key, limits=limits, log=args.log)
+    return 0
+
+
+def cmd_feedback_export(args: argparse.Namespace) -> int:
+    from tunelab.serve.feedback import export_feedback  # the serve layer; no torch needed
+
+    n = export_feedback(args.log_dir, args.format, args.output, with_approved=args.approved)
+    print(f"wrote {n} {args.format} rows to {args.output}", file=sys.stderr)
     return 0
 
 
@@ -441,6 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set TUNELAB_API_KEY)")
+    p.add_argument("--log", metavar="DIR", help="store every request and answer, with an id, and take "
+                   "POST /v1/feedback, in DIR/feedback.sqlite (off by default)")  # fmt: skip
     for limit in dataclasses.fields(Limits):  # defaults and help are written once, in Limits
         p.add_argument(limit_flag(limit.name), type=type(limit.default), default=limit.default,
                        help=f"{limit.metadata['help']} (default %(default)s)")  # fmt: skip
@@ -451,6 +461,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="CONFIG|key=value", help="as for train (data.augment.*)")
     p.add_argument("--output", required=True, help="where to write: .csv, .tsv, .json or .jsonl")
     p.set_defaults(func=cmd_augment)
+
+    p = sub.add_parser("feedback", help="turn the feedback a served model collected into training data")
+    p = p.add_subparsers(dest="feedback_command", required=True, metavar="export").add_parser(
+        "export", help="write training rows from a serve --log folder",
+        description="tunelab feedback export DIR --format sft|preference|classification --output FILE")  # fmt: skip
+    p.add_argument("log_dir", metavar="DIR", help="the folder given to tunelab serve --log")
+    p.add_argument("--format", required=True, choices=["sft", "preference", "classification"],
+                   help="sft: corrected answers; preference: {prompt, chosen, rejected} pairs from corrected "
+                   "answers; classification: corrected labels")  # fmt: skip
+    p.add_argument("--output", required=True, help="the JSON-lines file to write (must not exist)")
+    p.add_argument("--approved", action="store_true", help="also take up-rated answers as they were (sft, "
+                   "classification)")  # fmt: skip
+    p.set_defaults(func=cmd_feedback_export)
 
     p = sub.add_parser("data", help="check the data before training (tunelab data check CONFIG)")
     p = p.add_subparsers(dest="data_command", required=True, metavar="check").add_parser(

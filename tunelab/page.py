@@ -1,6 +1,8 @@
 """The page `tunelab serve` shows at `/`: a text box, a button, and the answer (label scores,
 entities, a value, or streamed text). Plain HTML and JavaScript, no build step; `?q=TEXT` fills
-the box and sends it (a link that shows an answer)."""
+the box and sends it (a link that shows an answer). When the server logs answers (`--log`), each
+answer gets thumbs up and down and a box for the corrected answer (or label), sent to
+`/v1/feedback`."""
 
 PAGE = """<!doctype html>
 <html lang="en">
@@ -28,6 +30,13 @@ PAGE = """<!doctype html>
   <button id="send" type="submit">Send</button> <span class="muted" id="status"></span>
 </form>
 <div id="answer"></div>
+<div id="feedback" hidden>
+  <button id="up" type="button" title="a good answer">&#128077;</button>
+  <button id="down" type="button" title="a bad answer">&#128078;</button>
+  <input id="correction" placeholder="the right answer (optional)">
+  <button id="send-correction" type="button">Send correction</button>
+  <span class="muted" id="thanks"></span>
+</div>
 <script>
 const CONFIG = __CONFIG__;
 const $ = (id) => document.getElementById(id);
@@ -55,6 +64,8 @@ async function post(path, body) {
   return r;
 }
 
+let answerId = null;
+
 async function stream(path, body, show) {
   const r = await post(path, {...body, stream: true});
   const reader = r.body.getReader(), decoder = new TextDecoder();
@@ -67,7 +78,9 @@ async function stream(path, body, show) {
     for (const event of events) {
       const data = event.replace(/^data: /, "");
       if (data === "[DONE]") continue;
-      const choice = JSON.parse(data).choices[0];
+      const chunk = JSON.parse(data);
+      answerId = chunk.id;
+      const choice = chunk.choices[0];
       text += (choice.delta ? choice.delta.content : choice.text) || "";
       show(text);
     }
@@ -77,6 +90,7 @@ async function stream(path, body, show) {
 async function run(text) {
   const answer = $("answer");
   answer.innerHTML = ""; $("status").textContent = "working...";
+  answerId = null; $("feedback").hidden = true; $("thanks").textContent = ""; $("correction").value = "";
   try {
     if (CONFIG.task === "causal-lm") {
       await stream("/v1/chat/completions", {messages: [{role: "user", content: text}]}, (t) => answer.textContent = t);
@@ -84,7 +98,9 @@ async function run(text) {
       await stream("/v1/completions", {prompt: text}, (t) => answer.textContent = t);
     } else {
       const path = {"classification": "/v1/classify", "token-classification": "/v1/entities", "regression": "/v1/predict"}[CONFIG.task];
-      const result = (await (await post(path, {input: text})).json()).data[0];
+      const response = await (await post(path, {input: text})).json();
+      answerId = response.id || null;
+      const result = response.data[0];
       if (result.probabilities) {
         const rows = Object.entries(result.probabilities).sort((a, b) => b[1] - a[1]);
         answer.innerHTML = "<table id='scores'>" + rows.map(([label, p]) =>
@@ -97,11 +113,22 @@ async function run(text) {
       }
     }
     $("status").textContent = "done";
+    if (CONFIG.feedback && answerId) $("feedback").hidden = false;
   } catch (e) {
     answer.textContent = "Error: " + e.message; $("status").textContent = "failed";
   }
 }
 
+async function feedback(body) {
+  try {
+    await post("/v1/feedback", {id: answerId, ...body});
+    $("thanks").textContent = "thanks: feedback saved";
+  } catch (e) { $("thanks").textContent = "Error: " + e.message; }
+}
+$("up").addEventListener("click", () => feedback({rating: "up"}));
+$("down").addEventListener("click", () => feedback({rating: "down"}));
+$("send-correction").addEventListener("click", () =>
+  feedback({rating: "down", correction: $("correction").value}));
 $("form").addEventListener("submit", (e) => { e.preventDefault(); run($("text").value); });
 const q = new URLSearchParams(location.search).get("q");
 if (q) { $("text").value = q; $("send").click(); }

@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from tunelab.serve.feedback import AnswerLog, check_log_folder
 from tunelab.serve.limits import Limits
 from tunelab.serve.loading import load_served
 from tunelab.serve.routes import Served, router
@@ -71,10 +72,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         worker.stop()
+        if app.state.served.log is not None:
+            app.state.served.log.close()
 
 
 def create_app(
-    run: ServedRun, api_key: str | None = None, limits: Limits | None = None, name: str | None = None
+    run: ServedRun,
+    api_key: str | None = None,
+    limits: Limits | None = None,
+    name: str | None = None,
+    log: str | Path | None = None,
 ) -> FastAPI:
     """The FastAPI application serving `run` (a loaded run or exported folder).
 
@@ -83,6 +90,8 @@ def create_app(
         api_key: when set, every endpoint but `/health` and `/` needs `Authorization: Bearer KEY`.
         limits: request limits and batching (default `Limits()`).
         name: the model id the API reports (default: the folder's name).
+        log: a folder for the answer log (`feedback.sqlite`): every answer is stored with an id,
+            and `POST /v1/feedback` takes ratings and corrections (off when None).
     """
     limits = limits or Limits()
     app = FastAPI(
@@ -97,7 +106,9 @@ def create_app(
             WorkerStopped: on_worker_stopped,
         },
     )
-    app.state.served = Served(run, Worker(run, limits), limits, name or Path(run.path).name, api_key)
+    model_id = name or Path(run.path).name
+    answers = AnswerLog(log, model_id, run.config.task) if log is not None else None
+    app.state.served = Served(run, Worker(run, limits), limits, model_id, api_key, answers)
     app.include_router(router)
     return app
 
@@ -108,19 +119,24 @@ def serve(
     port: int = 8000,
     api_key: str | None = None,
     limits: Limits | None = None,
+    log: str | Path | None = None,
 ) -> None:
-    """Load the model at `path` (a run or an exported folder) and serve it until interrupted.
+    """Load the model at `path` (a run or an exported folder) and serve it until interrupted;
+    with `log`, store every answer and take feedback (see `create_app`).
 
     Raises:
-        TunelabError: `path` holds nothing servable.
+        TunelabError: `path` holds nothing servable, or `log` is not a writable folder.
     """
     limits = limits or Limits()
     api_key = api_key or os.environ.get("TUNELAB_API_KEY") or None
+    if log is not None:
+        check_log_folder(log)  # before the model loads
     run = load_served(path)
-    app = create_app(run, api_key, limits)
+    app = create_app(run, api_key, limits, log=log)
     print(
         f"tunelab: serving {path} ({run.config.task}) on http://{host}:{port}"
-        + (" (API key required)" if api_key else ""),
+        + (" (API key required)" if api_key else "")
+        + (f"; logging answers and feedback to {Path(log) / 'feedback.sqlite'}" if log is not None else ""),
         flush=True,
     )
     uvicorn.run(

@@ -22,12 +22,14 @@ from fastapi.responses import HTMLResponse, StreamingResponse
 from transformers import AsyncTextIteratorStreamer
 
 from tunelab.page import PAGE
+from tunelab.serve.feedback import AnswerLog
 from tunelab.serve.limits import Limits
 from tunelab.serve.schemas import (
     AnswerRequest,
     APIError,
     ChatRequest,
     CompletionRequest,
+    FeedbackRequest,
     InputRequest,
     Sampling,
 )
@@ -55,6 +57,7 @@ class Served:
     limits: Limits
     model_id: str
     api_key: str | None
+    log: AnswerLog | None = None  # `--log DIR`: every answer stored, with an id for feedback
 
     @property
     def task(self) -> str:
@@ -63,6 +66,11 @@ class Served:
 
     def count_tokens(self, text: str) -> int:
         return len(self.run.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def remember(self, kind: str, inputs: list[Any], outputs: list[Any], response: dict[str, Any]) -> None:
+        """With `--log`, store the answer under the response's id (given one if it has none)."""
+        if self.log is not None:
+            response["id"] = self.log.record(kind, inputs, outputs, response.get("id"))
 
 
 # The dependencies are `async def` because FastAPI runs plain `def` ones in its thread pool: a
@@ -132,15 +140,17 @@ def usage(state: Served, prompts: list[str], texts: list[str]) -> dict[str, int]
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-async def predict(state: Served, body: InputRequest) -> dict[str, Any]:
+async def predict(state: Served, body: InputRequest, kind: str) -> dict[str, Any]:
     texts = body.texts()
     check_inputs(state, texts, "input")
     results = await state.worker.call("predict", texts)
-    return {
+    response = {
         "object": "list",
         "model": state.model_id,
         "data": [{"index": i, **r} for i, r in enumerate(results)],
     }
+    state.remember(kind, texts, results, response)
+    return response
 
 
 @router.get("/health")
@@ -164,19 +174,19 @@ async def models(state: ServedState) -> dict[str, Any]:
 @router.post("/v1/classify", dependencies=authorized)
 async def classify(body: InputRequest, state: ServedState) -> dict[str, Any]:
     needs(state, "classification")
-    return await predict(state, body)
+    return await predict(state, body, "classify")
 
 
 @router.post("/v1/entities", dependencies=authorized)
 async def entities(body: InputRequest, state: ServedState) -> dict[str, Any]:
     needs(state, "token-classification")
-    return await predict(state, body)
+    return await predict(state, body, "entities")
 
 
 @router.post("/v1/predict", dependencies=authorized)
 async def regress(body: InputRequest, state: ServedState) -> dict[str, Any]:
     needs(state, "regression", "masked-lm")
-    return await predict(state, body)
+    return await predict(state, body, "predict")
 
 
 @router.post("/v1/answer", dependencies=authorized)
@@ -187,27 +197,31 @@ async def answer(body: AnswerRequest, state: ServedState) -> dict[str, Any]:
     check_inputs(state, questions, "question")
     check_inputs(state, contexts, "context")
     results = await state.worker.call("answer", [json.dumps([q, c]) for q, c in zip(questions, contexts)])
-    return {
+    response = {
         "object": "list",
         "model": state.model_id,
         "data": [{"index": i, **r} for i, r in enumerate(results)],
     }
+    state.remember("answer", [list(p) for p in zip(questions, contexts)], results, response)
+    return response
 
 
 Chunk = Callable[[str, str | None], dict[str, Any]]  # (text, finish_reason) -> one streamed event
 
 
-def stream(state: Served, prompt: str, settings: Decoding, chunk: Chunk) -> StreamingResponse:
-    """Generate `prompt` as server-sent events: a chunk per decoded piece, a finishing chunk, [DONE]."""
+def stream(state: Served, prompt: str, settings: Decoding, chunk: Chunk,
+           done: Callable[[str], None] | None = None) -> StreamingResponse:  # fmt: skip
+    """Generate `prompt` as server-sent events: a chunk per decoded piece, a finishing chunk, [DONE];
+    `done` gets the whole text once the last event is sent."""
     # made here, on the event loop: the streamer hands each piece to it with call_soon_threadsafe
     streamer = AsyncTextIteratorStreamer(
         state.run.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=STREAM_TIMEOUT_S
     )
     job = state.worker.submit("stream", [prompt], settings, streamer)
-    return StreamingResponse(events(job, chunk), media_type="text/event-stream")
+    return StreamingResponse(events(job, chunk, done), media_type="text/event-stream")
 
 
-async def events(job: Job, chunk: Chunk) -> AsyncIterator[str]:
+async def events(job: Job, chunk: Chunk, done: Callable[[str], None] | None = None) -> AsyncIterator[str]:
     """The events of a stream job; text after a stop sequence is cut, as OpenAI does."""
     text = ""
     stop = job.decoding.stop if job.decoding else ()
@@ -228,6 +242,8 @@ async def events(job: Job, chunk: Chunk) -> AsyncIterator[str]:
     with contextlib.suppress(Exception):
         await job.future
     yield f"data: {json.dumps(chunk('', 'stop'))}\n\n"
+    if done is not None:
+        done(text)
     yield "data: [DONE]\n\n"
 
 
@@ -251,9 +267,10 @@ async def completions(body: CompletionRequest, state: ServedState) -> Any:
                 "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
             }
 
-        return stream(state, prompts[0], settings, chunk)
+        return stream(state, prompts[0], settings, chunk,
+                      lambda text: state.remember("completion", prompts, [text], {"id": ident}))  # fmt: skip
     texts = await state.worker.call("generate", prompts, settings)
-    return {
+    response = {
         "id": ident,
         "object": "text_completion",
         "created": created,
@@ -263,6 +280,8 @@ async def completions(body: CompletionRequest, state: ServedState) -> Any:
         ],
         "usage": usage(state, prompts, texts),
     }
+    state.remember("completion", prompts, texts, response)
+    return response
 
 
 @router.post("/v1/chat/completions", dependencies=authorized)
@@ -295,9 +314,10 @@ async def chat(body: ChatRequest, state: ServedState) -> Any:
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
             }
 
-        return stream(state, prompt, settings, chunk)
+        return stream(state, prompt, settings, chunk,
+                      lambda text: state.remember("chat", messages, [text], {"id": ident}))  # fmt: skip
     (text,) = await state.worker.call("generate", [prompt], settings)
-    return {
+    response = {
         "id": ident,
         "object": "chat.completion",
         "created": created,
@@ -305,9 +325,35 @@ async def chat(body: ChatRequest, state: ServedState) -> Any:
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
         "usage": usage(state, [prompt], [text]),
     }
+    state.remember("chat", messages, [text], response)
+    return response
+
+
+@router.post("/v1/feedback", dependencies=authorized)
+async def feedback(body: FeedbackRequest, state: ServedState) -> dict[str, Any]:
+    """Attach a rating (up, down, or 1-5) and an optional correction to a logged answer."""
+    if state.log is None:
+        raise APIError(
+            404, "feedback is off: start the server with tunelab serve RUN --log DIR", "not_found_error"
+        )
+    stored = state.log.answer(body.id)
+    if stored is None:
+        raise APIError(404, f"id: no answer {body.id!r} in this server's log", "not_found_error", param="id")
+    kind, inputs, _ = stored
+    items = 1 if kind == "chat" else len(inputs)
+    if body.index >= items:
+        raise APIError(400, f"index: {body.index}; answer {body.id} has {items} item(s)", param="index")
+    labels = getattr(getattr(state.run.config, "data", None), "labels", None) if kind == "classify" else None
+    if body.correction is not None and labels and body.correction not in labels:
+        raise APIError(400, f"correction: {body.correction!r} is not a label of this model ({', '.join(labels)})",
+                       param="correction")  # fmt: skip
+    rating, score = body.rating_and_score()
+    ident = state.log.feedback(body.id, body.index, rating, score, body.correction)
+    return {"object": "feedback", "id": ident, "answer_id": body.id}
 
 
 @router.get("/", response_class=HTMLResponse)
 async def page(state: ServedState) -> str:
-    config = {"task": state.task, "model": state.model_id, "auth": state.api_key is not None}
+    config = {"task": state.task, "model": state.model_id, "auth": state.api_key is not None,
+              "feedback": state.log is not None}  # fmt: skip
     return PAGE.replace("__CONFIG__", json.dumps(config))

@@ -102,3 +102,23 @@ class Message(Body):
 
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
+
+
+class FeedbackRequest(Body):
+    """`/v1/feedback`: a rating of a logged answer (`up`, `down`, or a score 1-5) and an optional
+    correction (the right answer, or the right label); `index` picks the input of a batched request."""
+
+    id: str = Field(min_length=1)
+    rating: Literal["up", "down"] | int
+    correction: str | None = None
+    index: int = Field(default=0, ge=0)
+
+    def rating_and_score(self) -> tuple[str | None, int | None]:
+        """(rating, score): one of the two is set; raises APIError for a score outside 1-5."""
+        if isinstance(self.rating, str):
+            return self.rating, None
+        if not 1 <= self.rating <= 5:
+            raise APIError(
+                400, f"rating: {self.rating}; give up, down, or a score from 1 to 5", param="rating"
+            )
+        return None, self.rating
