@@ -25,7 +25,7 @@ from tunelab.cli import main
 from tunelab.serve import create_app
 from tunelab.serve.feedback import FILE
 
-from .test_serve import ANSWER, FakeRun, Server, trained_chat
+from .test_serve import ANSWER, FakeRun, Server, browser, trained_chat  # noqa: F401 - browser is a fixture
 
 httpx = pytest.importorskip("httpx")
 KILL_TEST_S = float(os.environ.get("TUNELAB_FEEDBACK_SOAK_S", "30"))  # how long the 32 clients run
@@ -232,3 +232,31 @@ def test_feedback_export_sft_rows_train(tmp_path, tmp_path_factory):
                  f"output_dir={out}"]) == 0  # fmt: skip
     assert (out / "eval.json").is_file()
     assert yaml.safe_load((out / "config.yaml").read_text())["data"]["format"] == "messages"
+
+
+def test_the_page_sends_thumbs_and_a_correction_in_headless_chromium(browser, tmp_path_factory, tmp_path):  # noqa: F811
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    log = tmp_path / "log"
+    server = Server(trained_chat(tmp_path_factory), "--log", str(log), "--max-tokens", "8")
+    try:
+        browser.get(server.url + "/")
+        browser.find_element(By.ID, "text").send_keys("the movie was")
+        browser.find_element(By.ID, "send").click()
+        WebDriverWait(browser, 60).until(lambda d: d.find_element(By.ID, "feedback").is_displayed())
+        browser.find_element(By.ID, "up").click()
+        WebDriverWait(browser, 30).until(lambda d: "saved" in d.find_element(By.ID, "thanks").text)
+        browser.find_element(By.ID, "correction").send_keys("good great fine indeed")
+        browser.find_element(By.ID, "send-correction").click()
+        WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "correction").get_attribute("value") and
+                                         "saved" in d.find_element(By.ID, "thanks").text)  # fmt: skip
+        browser.save_screenshot(str(tmp_path / "feedback.png"))
+    finally:
+        server.stop()
+    (answer,) = rows(log, "answers")
+    assert answer[4] == "chat" and json.loads(answer[6]) == [ANSWER]
+    assert [(f[1], f[4], f[6]) for f in rows(log, "feedback")] == [
+        (answer[0], "up", None),
+        (answer[0], "down", "good great fine indeed"),
+    ]

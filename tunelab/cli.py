@@ -250,6 +250,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_review(args: argparse.Namespace) -> int:
+    # the review package loads models (torch) and serves a page (FastAPI): imported when used
+    if args.report or args.export:
+        from tunelab.review.report import export_pairs, format_report, save_report
+
+        if args.report:
+            report, path = save_report(args.report)
+            print(format_report(report))
+            print(f"report written to {path}", file=sys.stderr)
+        if args.export:
+            if not args.output:
+                raise TunelabError("--export DIR: give --output FILE for the pairs")
+            n = export_pairs(args.export, args.format, args.output)
+            print(f"wrote {n} {args.format} pairs to {args.output}", file=sys.stderr)
+        return 0
+    if not args.models or len(args.models) > 2 or (len(args.models) == 2) == args.baseline:
+        raise TunelabError("review: give two models (tunelab review A B --prompts FILE), or one with --baseline "
+                          "(tunelab review A --baseline --prompts FILE)")  # fmt: skip
+    from tunelab.review.app import run_review_app
+    from tunelab.review.command import start_review
+
+    b = None if args.baseline else args.models[1]
+    folder = start_review(args.models[0], b, args.prompts, args.dir)
+    if not args.no_page:
+        run_review_app(folder, args.host, args.port, args.reviewer)
+    return 0
+
+
 def cmd_feedback_export(args: argparse.Namespace) -> int:
     from tunelab.serve.feedback import export_feedback  # the serve layer; no torch needed
 
@@ -461,6 +489,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="CONFIG|key=value", help="as for train (data.augment.*)")
     p.add_argument("--output", required=True, help="where to write: .csv, .tsv, .json or .jsonl")
     p.set_defaults(func=cmd_augment)
+
+    p = sub.add_parser("review", help="blind side-by-side human review of two models' answers",
+                       description="tunelab review A B --prompts FILE | A --baseline --prompts FILE | "
+                       "--report DIR | --export DIR --format preference --output FILE")  # fmt: skip
+    p.add_argument("models", nargs="*", metavar="A [B]", help="run directories or exported folders")
+    p.add_argument("--prompts", help="the prompts: a .txt file (one a line), or CSV/JSON/JSONL with 'prompt'")
+    p.add_argument("--baseline", action="store_true", help="B is the model A started from")
+    p.add_argument("--dir", help="the review folder (default reviews/A-vs-B); an existing one resumes")
+    p.add_argument("--reviewer", help="your name, filled in on the page")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
+    p.add_argument("--port", type=int, default=7861)
+    p.add_argument("--no-page", action="store_true", help="make the review folder and stop")
+    p.add_argument("--report", metavar="DIR", help="print the review's report and write DIR/report.json")
+    p.add_argument("--export", metavar="DIR", help="write the decided pairs as training data (with --output)")
+    p.add_argument("--format", default="preference", choices=["preference"], help="export format")
+    p.add_argument("--output", help="the JSON-lines file --export writes (must not exist)")
+    p.set_defaults(func=cmd_review)
 
     p = sub.add_parser("feedback", help="turn the feedback a served model collected into training data")
     p = p.add_subparsers(dest="feedback_command", required=True, metavar="export").add_parser(

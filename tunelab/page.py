@@ -120,6 +120,7 @@ async function run(text) {
 }
 
 async function feedback(body) {
+  $("thanks").textContent = "sending...";
   try {
     await post("/v1/feedback", {id: answerId, ...body});
     $("thanks").textContent = "thanks: feedback saved";
