@@ -250,6 +250,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_studio(args: argparse.Namespace) -> int:
+    from tunelab.studio import studio  # FastAPI and uvicorn are optional: a one-line hint when missing
+
+    studio(runs=args.runs, data=args.data, host=args.host, port=args.port)
+    return 0
+
+
 def cmd_review(args: argparse.Namespace) -> int:
     # the review package loads models (torch) and serves a page (FastAPI): imported when used
     if args.report or args.export:
@@ -530,6 +537,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--strict", action="store_true", help="exit 1 on warnings too (errors exit 2)")
     p.set_defaults(func=cmd_data_check)
+
+    p = sub.add_parser("studio", help="a local web app: runs, live curves, new runs, compare, playground")
+    p.add_argument("--runs", default="runs", help="the runs folder (default ./runs)")
+    p.add_argument("--data", default=".", help="the folder new runs pick data files from (default .)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1; any other needs the token printed at start)")  # fmt: skip
+    p.add_argument("--port", type=int, default=7860)
+    p.set_defaults(func=cmd_studio)
     return parser
 
 

@@ -97,6 +97,7 @@ def environment(
         "data_sha256": {split: sha256(path) for split, path in files.items()},
         "git_commit": commit,
         "command": sys.argv,
+        "pid": os.getpid(),  # the training process: `tunelab studio` tells a live run by it, and stops it
         "speed": speed_report,
     }
 
