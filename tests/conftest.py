@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 import random
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# tunelab's per-user cache (the CPU's bf16 calibration) goes to a folder of this session's, not ~/.cache
+os.environ["TUNELAB_CACHE_DIR"] = tempfile.mkdtemp(prefix="tunelab-test-cache-")
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 POSITIVE = ["good", "great", "fine", "lovely", "superb", "happy", "bright", "warm"]

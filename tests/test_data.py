@@ -481,3 +481,28 @@ def test_too_few_rows_for_a_validation_split_is_reported(tmp_path):
         DataError, match=r"too few rows to hold out a validation set .*data.validation=<file>"
     ):
         task.load_splits(tokenizer=None)
+
+
+def test_a_class_named_none_is_kept_when_data_labels_lists_it(tmp_path):
+    path = write(tmp_path / "train.csv", "text,label\na,None\nb,pos\nc,None\nd,pos\n")
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: column 'label' holds 'None', a missing value")):
+        task(train=str(path), validation=str(path)).load_splits(CharTokenizer())
+    t = task(train=str(path), validation=str(path), labels=["None", "pos"])
+    assert [e["labels"] for e in t.load_splits(CharTokenizer()).train] == [0, 1, 0, 1]
+
+
+def test_numeric_labels_suggest_regression_unless_data_labels_lists_them(tmp_path):
+    values = [f"{i / 4:.2f}" for i in range(12)]
+    path = write(
+        tmp_path / "train.csv", "text,label\n" + "".join(f"t{i},{v}\n" for i, v in enumerate(values))
+    )
+    with pytest.raises(DataError, match="has 12 distinct numbers .*set task=regression"):
+        task(train=str(path), validation=str(path)).load_splits(CharTokenizer())
+    assert (
+        len(task(train=str(path), validation=str(path), labels=values).load_splits(CharTokenizer()).train)
+        == 12
+    )
+    five = write(tmp_path / "stars.csv", "text,label\n" + "".join(f"t{i},{i % 5 + 1}\n" for i in range(20)))
+    assert (
+        task(train=str(five), validation=str(five)).load_splits(CharTokenizer()) is not None
+    )  # star ratings stay classes

@@ -134,7 +134,15 @@ def test_json_puts_the_configured_method_first_and_says_how(estimated):
     assert [m["configured"] for m in estimated["methods"]] == [True, False]
     assert estimated["method"] == "lora" and estimated["train_rows"] == 1200 and estimated["batch_size"] == 16
     assert estimated["steps_per_epoch"] == 75 and estimated["probe_steps"] == 6
-    assert "run twice each through the training loop" in estimated["basis"]
+    assert "run 4 times each through the training loop" in estimated["basis"]
+
+
+def test_json_reports_each_repeated_pass_and_their_spread(estimated):
+    for method in estimated["methods"]:
+        assert len(method["epoch_s_repeats"]) == estimated["repeats"] == 3 and method["epoch_spread"] >= 0
+        assert min(method["epoch_s_repeats"]) == method["epoch_s_low"] <= method["epoch_s"]
+        assert method["epoch_s"] <= method["epoch_s_high"] == max(method["epoch_s_repeats"])
+        assert method["epoch_s"] in method["epoch_s_repeats"]  # the median of three is one of them
 
 
 def test_precision_is_spelled_as_train_precision_and_env_json_spell_it(setting, monkeypatch):
@@ -196,8 +204,8 @@ def test_table_for_causal_lm_puts_the_configured_method_first_and_says_what_was_
     about = re.fullmatch(re.escape(str(llama)) + pattern, lines[0])
     assert about, lines[0]
     header = lines.index(next(line for line in lines if line.startswith("method")))
-    assert lines[header].split() == ["method", "trainable", "params", "time/epoch", "eval", "pass", "peak",
-                                     "RSS", "steps/epoch"]  # fmt: skip
+    assert lines[header].split() == ["method", "trainable", "params", "time/epoch", "spread", "eval", "pass",
+                                     "peak", "RSS", "steps/epoch"]  # fmt: skip
     steps = -(-int(about.group(1)) // 8)  # packed rows / batch 8
     assert lines[header + 1].startswith("* lora ") and lines[header + 1].endswith(f" {steps}")
     assert " MB " in lines[header + 1] and " s " in lines[header + 1]

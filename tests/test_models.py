@@ -24,6 +24,9 @@ def test_builtin_encoder_resolves_to_its_package_folder():
 
 def test_folders_hub_ids_and_mistakes(tmp_path):
     (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"has config.json but no weights"):
+        resolve_model(str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(b"")
     assert resolve_model(str(tmp_path)) == str(tmp_path)
     assert resolve_model("org/model") == "org/model"
     (tmp_path / "empty").mkdir()

@@ -36,6 +36,7 @@ def test_health_and_models_describe_the_served_model():
             "model": "sst2",
             "requests": 0,
             "model_calls": 0,
+            "streams_stopped": 0,
         }
         assert client.get("/v1/models").json() == {
             "object": "list",
@@ -187,11 +188,13 @@ def test_the_api_key_guards_all_but_health_and_the_page():
         assert client.get("/health").status_code == 200
         page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    assert json.dumps({"task": "classification", "model": "fake", "auth": True}) in page.text
+    assert (
+        json.dumps({"task": "classification", "model": "fake", "auth": True, "feedback": False}) in page.text
+    )
 
 
 def test_the_page_is_configured_for_the_model():
     with client_for(FakeRun("causal-lm", name="alpaca")) as client:
         page = client.get("/").text
     assert "__CONFIG__" not in page
-    assert json.dumps({"task": "causal-lm", "model": "alpaca", "auth": False}) in page
+    assert json.dumps({"task": "causal-lm", "model": "alpaca", "auth": False, "feedback": False}) in page

@@ -11,15 +11,20 @@ checkpoint whole.
   state.json              step, epoch, position inside the epoch, best score, counters
 ```
 
-A checkpoint is written to a temporary sibling folder and renamed into place; only then are
-older ones beyond `train.keep_checkpoints` removed.
+A checkpoint is written to a temporary sibling folder (`.tmp-step-...`) and renamed into place;
+only then are older ones beyond `train.keep_checkpoints` renamed aside (`.old-step-...`) and
+removed, so no folder named `step-*` is ever half written or half deleted. `discard` removes a
+folder the same way. `crash_point` is a test hook (tests/test_crash.py) that kills the process
+at a named point, to prove that a SIGKILL anywhere leaves a run resumable.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +34,33 @@ import torch
 from tunelab.dist import load_sharded
 
 PREFIX = "step-"
+CRASH_AT = "TUNELAB_TEST_CRASH_AT"  # test hook: `<point>` or `<point>:<n>` (the n-th time it is reached)
+_reached: dict[str, int] = {}
+
+
+def crash_point(name: str) -> None:
+    """Test hook, off unless the environment variable TUNELAB_TEST_CRASH_AT names this point:
+    then the process kills itself with SIGKILL (no handler, no cleanup: a crash) the n-th time
+    it gets here. tests/test_crash.py uses it to hit the moments between two writes exactly."""
+    wanted = os.environ.get(CRASH_AT)
+    if not wanted:
+        return
+    point, _, nth = wanted.partition(":")
+    if point == name:
+        _reached[name] = _reached.get(name, 0) + 1
+        if _reached[name] == int(nth or 1):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def discard(path: Path) -> None:
+    """Remove a folder so that a crash midway never leaves it half deleted under its own name:
+    renamed aside to a hidden sibling first (one atomic step), then deleted."""
+    aside = path.parent / f".old-{path.name}"
+    shutil.rmtree(aside, ignore_errors=True)  # left by an earlier crash
+    if path.exists():
+        path.rename(aside)
+        crash_point("discard")
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def checkpoint_dirs(folder: Path) -> list[Path]:
@@ -62,11 +94,13 @@ def save_checkpoint(
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{PREFIX}{state['result']['steps']:06d}"
     tmp = folder / f".tmp-{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for leftover in folder.glob(".tmp-*"):  # a write cut short by a crash
+        shutil.rmtree(leftover, ignore_errors=True)
     tmp.mkdir()
     save_file(
         {n: t.detach().contiguous().cpu() for n, t in trainable.items()}, str(tmp / "trainable.safetensors")
     )
+    crash_point("checkpoint-write")  # half the files written
     if best_state is not None:
         save_file({n: t.contiguous().cpu() for n, t in best_state.items()}, str(tmp / "best.safetensors"))
     torch.save({"optimizer": optimizer_state, "schedule": schedule.state_dict(),
@@ -74,11 +108,13 @@ def save_checkpoint(
     torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                 "data": data_rng.getstate(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, tmp / "rng.pt")  # fmt: skip
-    (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")
-    shutil.rmtree(final, ignore_errors=True)
+    (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")  # last: it marks the folder complete
+    crash_point("checkpoint-rename")
+    discard(final)  # the same step saved again (a stop signal right after a periodic save)
     tmp.rename(final)
+    crash_point("checkpoint-prune")
     for old in checkpoint_dirs(folder)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        discard(old)
     return final
 
 

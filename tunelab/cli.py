@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from tunelab.errors import Interrupted, TunelabError
+from tunelab.outputs import check_output_file
 from tunelab.serve.limits import Limits
 from tunelab.serve.limits import flag as limit_flag
 
@@ -85,7 +87,10 @@ def format_versus(tuned: dict[str, Any], base: dict[str, Any]) -> str:
 def cmd_eval(args: argparse.Namespace) -> int:
     from tunelab.run import load
 
+    if args.output:
+        check_output_file(Path(args.output), "--output")  # before evaluating, not after
     run = load(args.run)
+    column_flags(run, args)
     if args.samples is not None:
         from tunelab.config import validate
 
@@ -139,7 +144,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise TunelabError("give one of TEXT, --file FILE, or --question Q --context C to predict on")
     if question and (args.question is None or args.context is None):
         raise TunelabError("question answering needs both --question and --context")
+    if args.output:
+        check_output_file(Path(args.output), "--output")  # before predicting, not after
     run = load(args.run)
+    column_flags(run, args)
     generation_options(run, args)
     if question:
         result = run.predict([args.question], [args.context])[0]
@@ -150,6 +158,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(json.dumps(result, ensure_ascii=False) if args.json else format_prediction(result))
         return 0
     results = run.predict_file(args.file)
+    skipped = [r["skipped"] for r in results if "skipped" in r]
+    if skipped:  # blank rows keep their place in the output, so line N still answers row N
+        print(f"tunelab: {len(skipped)} blank rows given no prediction ('skipped'): "
+              f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}", file=sys.stderr)  # fmt: skip
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
     if args.output:
         Path(args.output).write_text(lines)
@@ -157,6 +169,50 @@ def cmd_predict(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(lines)
     return 0
+
+
+def column_flags(run: Any, args: argparse.Namespace) -> None:
+    """--text-column / --text-pair-column / --label-column: the file's column names, for this
+    command only (the run's saved config keeps its own)."""
+    from tunelab.config import validate
+
+    for name in ("text_column", "text_pair_column", "label_column"):
+        if getattr(args, name, None) is not None:
+            setattr(run.config.data, name, getattr(args, name))
+    run.task.column_flags = True  # a missing column's message names these flags
+    validate(run.config)
+
+
+def add_column_flags(p: argparse.ArgumentParser, labels: bool) -> None:
+    g = p.add_argument_group("columns (default: the names the run was trained with)")
+    g.add_argument("--text-column", metavar="NAME", help="the column holding the input text")
+    g.add_argument("--text-pair-column", metavar="NAME", help="the column holding the second text of a pair")
+    if labels:
+        g.add_argument("--label-column", metavar="NAME", help="the column holding the label")
+
+
+def unknown_arguments(command: str, extra: list[str]) -> str:
+    """The error for arguments no option takes: a --flag that names a config key (`--epochs=1`)
+    is answered with the `key=value` to write instead (`train.epochs=1`)."""
+    from tunelab.config import field_docs
+
+    keys = [k for k, _, _ in field_docs()]
+    for n, arg in enumerate(extra):
+        if not arg.startswith("--") or command not in OVERRIDE_COMMANDS:
+            continue
+        name, _, value = arg[2:].partition("=")
+        name = name.replace("-", "_")
+        if not value and n + 1 < len(extra) and not extra[n + 1].startswith("-"):
+            value = extra[n + 1]
+        matches = [k for k in keys if k == name or k.endswith("." + name)]
+        if not matches:
+            near = difflib.get_close_matches(name, [k.rsplit(".", 1)[-1] for k in keys], n=1)
+            matches = [k for k in keys if near and k.endswith("." + near[0])]
+        if matches:
+            options = " or ".join(f"{k}={value or '...'}" for k in matches[:3])
+            return (f"{arg} is not an option of tunelab {command}; config keys are set as key=value: "
+                    f"write {options}")  # fmt: skip
+    return f"unrecognized arguments: {' '.join(extra)} (see tunelab {command} --help)"
 
 
 def generation_options(run: Any, args: argparse.Namespace) -> None:
@@ -253,7 +309,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_studio(args: argparse.Namespace) -> int:
     from tunelab.studio import studio  # FastAPI and uvicorn are optional: a one-line hint when missing
 
-    studio(runs=args.runs, data=args.data, host=args.host, port=args.port)
+    studio(runs=args.runs, data=args.data, host=args.host, port=args.port, reviews=args.reviews)
     return 0
 
 
@@ -371,10 +427,19 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--system", metavar="TEXT", help="system prompt")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors as tunelab's one line (`error: tunelab serve: argument --port: ...`
+    and where to look) instead of the usage text; the subcommands' parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tunelab import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="tunelab",
         description="Fine-tune pretrained language models on your own data, then evaluate and use them.",
     )
@@ -394,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CONFIG|key=value",
         help="a YAML config file (optional, first), then overrides like train.epochs=1",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
+    p.add_argument("--overwrite", action="store_true", help="replace the tunelab run at output_dir when done")
     p.add_argument("--resume", metavar="RUN", help="continue an unfinished run from its latest checkpoint")
     p.add_argument("--nproc", type=int, metavar="N", help="train with N processes on this machine (torchrun)")
     p.set_defaults(func=cmd_train)
@@ -408,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--samples", type=int, metavar="N",
                    help="generative runs: rows to generate for BLEU/ROUGE (default: the run's generation.eval_samples)")  # fmt: skip
+    add_column_flags(p, labels=True)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="predict labels (or generate answers) for a text or a file")
@@ -422,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", help="question answering: the passage that holds the answer")
     p.add_argument("--json", action="store_true", help="print the prediction as one JSON object")
     p.add_argument("--output", help="write JSON lines here instead of standard output")
+    add_column_flags(p, labels=False)
     add_generation_flags(p)
     p.set_defaults(func=cmd_predict)
 
@@ -461,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-time", type=float, metavar="MIN", help="recommend the best method within this training time"
     )
-    p.add_argument("--out", help="folder for the runs and report (default runs/compare-<name>)")
+    p.add_argument("--out", help="folder for the runs and report (default compare-<name> beside output_dir)")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("estimate", help="predict peak memory and time per epoch of each method, before training",
@@ -541,6 +608,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("studio", help="a local web app: runs, live curves, new runs, compare, playground")
     p.add_argument("--runs", default="runs", help="the runs folder (default ./runs)")
     p.add_argument("--data", default=".", help="the folder new runs pick data files from (default .)")
+    p.add_argument("--reviews", default="reviews",
+                   help="the folder of tunelab review folders (default ./reviews)")  # fmt: skip
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; any other needs the token printed at start)")  # fmt: skip
     p.add_argument("--port", type=int, default=7860)
@@ -548,17 +617,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+OVERRIDE_COMMANDS = ("train", "augment", "compare", "estimate", "data")  # take CONFIG key=value ...
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # `train` overrides may come before or after flags: `train a=1 --overwrite b=2`.
     args, extra = parser.parse_known_args(argv)
     args.argv = argv
-    if args.command in ("train", "augment", "compare", "estimate", "data") and all(
-        "=" in e and not e.startswith("-") for e in extra
-    ):
+    if args.command in OVERRIDE_COMMANDS and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides += extra
     elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        print(f"error: {unknown_arguments(args.command, extra)}", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except Interrupted as e:

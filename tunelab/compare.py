@@ -2,7 +2,8 @@
 which to use.
 
 Each method (and seed, and learning rate with `--lr-sweep`) trains as an ordinary run
-directory under `runs/compare-<name>/`, in its own process so that its peak memory is its
+directory under `compare-<name>/` beside the config's `output_dir` (`runs/compare-<name>/`
+without one; `--out` chooses), in its own process so that its peak memory is its
 own; a finished run is kept and skipped when the compare is started again, so an
 interrupted compare resumes. `none` is the no-training floor: TF-IDF + logistic regression
 (scikit-learn) for an encoder's classification, zero/few-shot prompting that scores each
@@ -36,6 +37,7 @@ from tunelab.errors import ConfigError, TunelabError
 from tunelab.methods import METHODS
 from tunelab.metrics import higher_is_better
 from tunelab.models import load_tokenizer, resolve_model
+from tunelab.outputs import COMPARE_MARKER, check_writable, mark_run
 from tunelab.tasks import TASKS
 from tunelab.tasks.classification import ClassificationTask
 from tunelab.tasks.generative import GenerativeTask
@@ -113,9 +115,9 @@ def compare(config_path: str | None, overrides: list[str], methods: list[str], s
     if seeds < 1:
         raise ConfigError("--seeds must be >= 1")
     config = load_config(config_path, overrides)
-    name = Path(config.output_dir).name if config.output_dir else Path(config_path or "compare").stem
-    folder = Path(out or Path("runs") / f"compare-{name}")
+    folder = compare_folder(config, config_path, out)
     folder.mkdir(parents=True, exist_ok=True)
+    mark_run(folder, COMPARE_MARKER)
     (folder / "logs").mkdir(exist_ok=True)
     save_config(config, folder / "config.yaml")
     minutes = parse_budget(budget)
@@ -146,6 +148,31 @@ def compare(config_path: str | None, overrides: list[str], methods: list[str], s
     return report
 
 
+def compare_folder(config: Config, config_path: str | None, out: str | None) -> Path:
+    """Where a compare writes: `--out`; else `compare-<name>` beside the config's `output_dir`
+    (its own run keeps that name); else `runs/compare-<config file name>`. Checked before any
+    work: a folder that exists must be a compare's (started again, it resumes).
+
+    Raises:
+        TunelabError: the folder cannot be written, or holds something other than a compare.
+    """
+    if out:
+        folder, what = Path(out), f"--out {out}"
+    elif config.output_dir:
+        run = Path(config.output_dir)
+        folder, what = run.parent / f"compare-{run.name}", f"output_dir {run}"
+    else:
+        folder, what = Path("runs") / f"compare-{Path(config_path or 'compare').stem}", "compare"
+    check_writable(folder, what)
+    names = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    earlier = (folder / "logs").is_dir() and (folder / "config.yaml").is_file()  # written before the marker
+    if names and not (folder / COMPARE_MARKER).is_file() and not earlier:
+        shown = ", ".join(names[:8]) + (f" (+{len(names) - 8} more)" if len(names) > 8 else "")
+        raise TunelabError(f"{what}: {folder} exists and is not a tunelab compare folder (it holds {shown}); "
+                           f"choose another --out")  # fmt: skip
+    return folder
+
+
 def _default_lr(method: str) -> float:
     return METHODS[method].DEFAULT_LR
 
@@ -163,6 +190,7 @@ def _ensure_run(config_path: str | None, overrides: list[str], config: Config, m
         if method == "none":
             report = no_training_baseline(load_config(config_path, [*overrides, f"seed={seed}"]))
             run.mkdir(parents=True, exist_ok=True)
+            mark_run(run)
             report["train"]["scoring_s"] = round(time.perf_counter() - began, 3)  # no training time
             (run / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
             return {"dir": run, "eval": report}

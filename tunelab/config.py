@@ -82,10 +82,11 @@ class DataConfig:
     test: str | None = doc("Test file, evaluated once with the best model at the end.")
     format: Literal[
         "auto", "csv", "tsv", "json", "jsonl", "parquet", "conll", "text",
-        "alpaca", "messages", "sharegpt", "prompt-completion",
+        "alpaca", "messages", "sharegpt", "prompt-completion", "pairs", "unpaired",
     ] = doc(
         "File format (`text`: plain text, one document per line), or for causal-lm the record layout "
-        "(`alpaca`, `messages`, `sharegpt`, `prompt-completion`); `auto` picks from the extension and columns.",
+        "(`alpaca`, `messages`, `sharegpt`, `prompt-completion`), for preference `pairs` (prompt, chosen, "
+        "rejected) or `unpaired` (prompt, completion, label); `auto` picks from the extension and columns.",
         "auto",
     )  # fmt: skip
     text_column: str = doc("Column holding the input text.", "text")
@@ -184,8 +185,10 @@ class TrainConfig:
     warmup_ratio: float = doc("Share of steps spent warming up the learning rate.", 0.1, check=SHARE)
     max_grad_norm: float | None = doc("Clip gradients to this global norm; null turns it off.", 1.0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = doc(
-        "Compute precision; `auto` uses bf16 autocast on a GPU with bf16, and on a CPU whose bf16 matrix "
-        "products time at least 1.2x faster than float32 (`env.json` records the choice); else fp32.",
+        "Compute precision; `auto` uses bf16 autocast on a GPU with bf16, and on a CPU with AMX, or whose "
+        "bf16 matrix products are at least 1.2x faster than float32 by a calibration measured once per "
+        "machine and cached (`TUNELAB_RECALIBRATE=1` measures again; `env.json` records the choice); "
+        "else fp32.",
         "auto",
     )
     gradient_checkpointing: bool = doc(
@@ -349,6 +352,28 @@ class GenerationConfig:
     compare_base: bool = doc("Also score the un-tuned model on the same rows (eval.json `baseline`).", True)
 
 
+@dataclass
+class PreferenceConfig:
+    loss: Literal["dpo", "ipo", "orpo", "simpo", "kto"] = doc(
+        "preference: the objective (`dpo`, `ipo`, `orpo`, `simpo`, `kto`; see docs/preference.md).", "dpo"
+    )
+    beta: float = doc("preference: the loss's temperature (how far from the reference; ORPO's odds-ratio "
+                      "weight).", 0.1, check=POSITIVE)  # fmt: skip
+    gamma: float = doc("preference, SimPO: the target reward margin.", 0.5,
+                       check=Check(lambda v: v >= 0, "must be >= 0"))  # fmt: skip
+    sft_weight: float = doc(
+        "preference, dpo and ipo: add this times the chosen answers' token-mean negative log-likelihood "
+        "(TRL's `sft` loss term; RPO), which keeps the model fluent and ending its answers.",
+        0.0,
+        check=Check(lambda v: v >= 0, "must be >= 0"),
+    )
+    precompute_reference: bool = doc(
+        "preference (dpo, ipo, kto): compute the reference model's log-probabilities once, before the first "
+        "step, and reuse them every epoch.",
+        False,
+    )
+
+
 MethodName = Literal["full", "freeze", "lora", "adapter", "prefix", "prompt", "ia3"]
 
 
@@ -363,6 +388,7 @@ class Config:
         "seq2seq",
         "masked-lm",
         "question-answering",
+        "preference",
     ] = doc("What the model learns to do.", "classification")
     method: MethodName = doc("What trains (see docs/methods.md).", "lora")
     output_dir: str | None = doc("Run directory; default runs/<model>-<method>-<time>.")
@@ -380,6 +406,7 @@ class Config:
     prompt: PromptConfig = field(default_factory=PromptConfig)
     ia3: Ia3Config = field(default_factory=Ia3Config)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
 
 
 # ---------------------------------------------------------------------------- building
@@ -444,6 +471,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
 
 
+def _shown(key: str) -> str:
+    """A key quoted for a one-line message (escaped when it holds a newline or the like)."""
+    return f"'{key}'" if key.isprintable() else repr(key)
+
+
 def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass `cls` from a plain dict, rejecting unknown keys and wrong types."""
     if not isinstance(values, dict):
@@ -456,7 +488,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
             near = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean '{prefix}{near[0]}'?" if near else "."
             raise ConfigError(
-                f"unknown key '{prefix}{key}'{hint} Valid keys: {', '.join(prefix + n for n in names)}"
+                f"unknown key {_shown(prefix + str(key))}{hint} Valid keys: {', '.join(prefix + n for n in names)}"
             )
         tp = hints[key]
         if isinstance(tp, type) and dataclasses.is_dataclass(tp):
@@ -474,7 +506,8 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
         if child is None:  # a missing section, or an empty one in YAML (`train:` with nothing under it)
             child = node[part] = {}
         if not isinstance(child, dict):
-            raise ConfigError(f"{dotted}: '{part}' is a value, not a section")
+            where = dotted if dotted.isprintable() else repr(dotted)
+            raise ConfigError(f"{where}: {_shown(part)} is a value, not a section")
         node = child
     node[parts[-1]] = value
 
@@ -529,12 +562,19 @@ def load_config(
             )
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
+        if path.suffix.lower() in DATA_SUFFIXES:
+            raise _data_as_config(path)
         try:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-            raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+            problem = " ".join(str(getattr(e, "problem", None) or e).split())  # one line
+            raise ConfigError(f"{path}{where}: not valid YAML ({problem})") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the config as UTF-8") from None
+        if isinstance(loaded, list) and path.suffix.lower() == ".json":
+            raise _data_as_config(path)
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(loaded).__name__}")
         tree = loaded or {}
@@ -563,6 +603,31 @@ def load_config(
     return config
 
 
+DATA_SUFFIXES = {".csv", ".tsv", ".jsonl", ".parquet", ".txt", ".conll", ".bio", ".iob"}
+
+
+def _data_as_config(path: Path) -> ConfigError:
+    return ConfigError(
+        f"{path} looks like a data file, not a YAML config; give it as the training data: "
+        f"tunelab train data.train={path} (add task=... model=..., or a config file first)"
+    )
+
+
+def check_columns(config: Config) -> None:
+    """The label column may not also be an input: the model would read the answer."""
+    d = config.data
+    if config.task not in ("classification", "regression"):
+        return
+    labels = d.label_columns or [d.label_column]
+    for key, column in (("data.text_column", d.text_column), ("data.text_pair_column", d.text_pair_column)):
+        if column in labels:
+            label_key = "data.label_columns" if d.label_columns else "data.label_column"
+            raise ConfigError(
+                f"{key} and {label_key} both name the column '{column}': the model would read the "
+                f"answer; point {key} at the input text (or {label_key} at the labels)"
+            )
+
+
 def validate(config: Config) -> None:
     """Value checks beyond types: each field's own `check` (declared with the field), then
     the checks that span fields or need the machine. Raises ConfigError naming the key, the
@@ -571,6 +636,7 @@ def validate(config: Config) -> None:
         if value is not None and not check.test(value):
             raise ConfigError(f"{key}: {value!r} {check.rule}")
     check_metric(config)
+    check_columns(config)
     check_precision(config.train.precision)
     check_trackers(config.train.report_to)
 
@@ -614,7 +680,7 @@ def check_precision(precision: str) -> None:
         raise ConfigError(f"train.precision: this {device.type.upper()} has no fast bf16; use fp32 or auto")
 
 
-GENERATIVE_TASKS = ("causal-lm", "seq2seq")
+GENERATIVE_TASKS = ("causal-lm", "seq2seq", "preference")
 
 
 def max_length(config: Config) -> int:
@@ -638,7 +704,11 @@ def to_dict(config: Config) -> dict[str, Any]:
 
 
 def save_config(config: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True))
+    """Write whole or not at all (a temporary name, then renamed): a crash mid-write never
+    leaves half a config for `--resume` to read as a different one."""
+    part = path.with_name(f".{path.name}.partial")
+    part.write_text(yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True))
+    os.replace(part, path)
 
 
 def field_docs(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any]]:

@@ -62,8 +62,9 @@ def detect_format(path: Path, fmt: str = "auto") -> str:
     return FORMATS[suffix]
 
 
-def read_table(path: str | Path, fmt: str = "auto") -> Table:
-    """Read a data file into a Table.
+def read_table(path: str | Path, fmt: str = "auto", keep_blank: bool = False) -> Table:
+    """Read a data file into a Table. With `keep_blank`, blank lines of CSV, TSV and text files
+    stay as rows with empty cells (prediction keeps one output per input line).
 
     Raises:
         DataError: the file is missing, empty, or malformed (with the line number).
@@ -88,13 +89,37 @@ def read_table(path: str | Path, fmt: str = "auto") -> Table:
         "parquet": _read_parquet,
         "text": _read_text,
     }[fmt]
-    table = reader(path, fmt)
+    table = reader(path, fmt, keep_blank)
     if not table.rows:
         raise DataError(f"{path}: the file has no data rows")
     return table
 
 
-def _read_delimited(path: Path, fmt: str) -> Table:
+def shown(name: Any) -> str:
+    """A column name or cell as a message shows it: as it is when printable, else quoted and
+    escaped (a newline inside a quoted header must not break the one-line message)."""
+    text = str(name)
+    return text if text.isprintable() else repr(text)
+
+
+def shown_list(columns: list[Any]) -> str:
+    return ", ".join(shown(c) for c in columns)
+
+
+def _check_header(path: Path, header: list[str]) -> None:
+    """A duplicated column name would silently shadow one of the two columns: refuse it."""
+    seen: dict[str, int] = {}
+    for number, name in enumerate(header, 1):
+        if name in seen:
+            what = f"column {name!r}" if name else "an unnamed column"
+            raise DataError(
+                f"{path}:1: {what} appears twice in the header (columns {seen[name]} and {number}); "
+                f"rename or remove one of them"
+            )
+        seen[name] = number
+
+
+def _read_delimited(path: Path, fmt: str, keep_blank: bool = False) -> Table:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     rows, lines = [], []
     with open(path, newline="", encoding="utf-8-sig") as f:
@@ -107,10 +132,14 @@ def _read_delimited(path: Path, fmt: str) -> Table:
             if not header or not any(h.strip() for h in header):
                 raise DataError(f"{path}: the first line must be a header naming the columns")
             header = [h.strip() for h in header]
+            _check_header(path, header)
             end = reader.line_num  # a quoted CSV field may span lines: a record is lines first..end
             for record in reader:
                 first, end = end + 1, reader.line_num
                 if not record or (len(record) == 1 and not record[0].strip()):
+                    if keep_blank:
+                        rows.append(dict.fromkeys(header, ""))
+                        lines.append(f"line {first}")
                     continue
                 if len(record) != len(header):
                     if end > first:
@@ -121,28 +150,28 @@ def _read_delimited(path: Path, fmt: str) -> Table:
                         fix = "a TSV field may not contain a tab"
                     raise DataError(
                         f"{path}:{first}: expected {len(header)} fields "
-                        f"({', '.join(header)}), found {len(record)}; {fix}"
+                        f"({shown_list(header)}), found {len(record)}; {fix}"
                     )
                 rows.append(dict(zip(header, record)))
                 lines.append(f"line {first}")
         except csv.Error as e:
             raise DataError(f"{path}:{reader.line_num}: malformed {fmt.upper()} ({e})") from None
         except UnicodeDecodeError:
-            raise _not_utf8(path) from None
+            raise not_utf8(path) from None
     return Table(path, rows, lines, header)
 
 
-def _read_text(path: Path, fmt: str) -> Table:
-    """Plain text: each non-blank line is one document (column `text`)."""
+def _read_text(path: Path, fmt: str, keep_blank: bool = False) -> Table:
+    """Plain text: each non-blank line is one document (column `text`); blank lines too with `keep_blank`."""
     rows, lines = [], []
     try:
         with open(path, encoding="utf-8-sig") as f:
             for number, line in enumerate(f, 1):
-                if line.strip():
+                if line.strip() or keep_blank:
                     rows.append({"text": line.rstrip("\r\n")})
                     lines.append(f"line {number}")
     except UnicodeDecodeError:
-        raise _not_utf8(path) from None
+        raise not_utf8(path) from None
     return Table(path, rows, lines, ["text"])
 
 
@@ -153,7 +182,7 @@ def _columns(rows: list[dict[str, Any]]) -> list[str]:
     return list(seen)
 
 
-def _not_utf8(path: Path) -> DataError:
+def not_utf8(path: Path) -> DataError:
     """Name the line and column of the first byte that is not UTF-8 (a decode error raised while
     streaming only knows its offset inside the current chunk)."""
     data = path.read_bytes()
@@ -168,13 +197,36 @@ def _not_utf8(path: Path) -> DataError:
     return DataError(f"{path}: not UTF-8 text; save the file as UTF-8")
 
 
-def _read_json(path: Path, fmt: str) -> Table:
+class _DuplicateKey(Exception):
+    def __init__(self, key: str):
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's object hook: a key given twice would silently keep only its last value."""
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _DuplicateKey(key)
+        obj[key] = value
+    return obj
+
+
+def _duplicate(where: str, key: str) -> DataError:
+    return DataError(f"{where}: key '{key}' appears twice in one object; keep one of the two")
+
+
+def _read_json(path: Path, fmt: str, keep_blank: bool = False) -> Table:
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise _duplicate(str(path), e.key) from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply to read; flatten the rows") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})") from None
     except UnicodeDecodeError:
-        raise _not_utf8(path) from None
+        raise not_utf8(path) from None
     if isinstance(data, dict):  # {"data": [...]} or {"train": [...]} wrappers
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) == 1:
@@ -190,7 +242,7 @@ def _read_json(path: Path, fmt: str) -> Table:
     return Table(path, data, [f"row {i + 1}" for i in range(len(data))], _columns(data))
 
 
-def _read_jsonl(path: Path, fmt: str) -> Table:
+def _read_jsonl(path: Path, fmt: str, keep_blank: bool = False) -> Table:
     rows, lines = [], []
     try:
         with open(path, encoding="utf-8-sig") as f:
@@ -198,7 +250,11 @@ def _read_jsonl(path: Path, fmt: str) -> Table:
                 if not line.strip():
                     continue
                 try:
-                    row = json.loads(line)
+                    row = json.loads(line, object_pairs_hook=_unique_keys)
+                except _DuplicateKey as e:
+                    raise _duplicate(f"{path}:{n}", e.key) from None
+                except RecursionError:
+                    raise DataError(f"{path}:{n}: JSON nested too deeply to read; flatten the row") from None
                 except json.JSONDecodeError as e:
                     raise DataError(
                         f"{path}:{n}:{e.colno}: not valid JSON ({e.msg}); each line must be one JSON object"
@@ -208,11 +264,11 @@ def _read_jsonl(path: Path, fmt: str) -> Table:
                 rows.append(row)
                 lines.append(f"line {n}")
     except UnicodeDecodeError:
-        raise _not_utf8(path) from None
+        raise not_utf8(path) from None
     return Table(path, rows, lines, _columns(rows))
 
 
-def _read_parquet(path: Path, fmt: str) -> Table:
+def _read_parquet(path: Path, fmt: str, keep_blank: bool = False) -> Table:
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -224,15 +280,43 @@ def _read_parquet(path: Path, fmt: str) -> Table:
     return Table(path, rows, [f"row {i + 1}" for i in range(len(rows))], _columns(rows))
 
 
-def require_columns(table: Table, columns: list[str], key_of: dict[str, str]) -> None:
-    """Raise a DataError naming the config key when a column is missing."""
+def refuse_blank_rows(path: str | Path) -> None:
+    """For `predict --file` on layouts that cannot answer a blank row (prompts, questions):
+    refuse it by its line, since skipping it would shift every later answer off its row.
+    Only CSV, TSV and text files have blank rows (read by their extension)."""
+    path = Path(path)
+    if not path.is_file() or path.suffix.lower() not in (".csv", ".tsv", ".txt"):
+        return
+    table = read_table(path, keep_blank=True)
+    for i, row in enumerate(table.rows):
+        if all(is_missing(v) for v in row.values()):
+            raise DataError(
+                f"{table.where(i)}: a blank row; predict --file answers every row in order, so fill it in "
+                f"or remove it"
+            )
+
+
+# the flags of `eval` and `predict` that set a run's column keys (the run's config is fixed)
+COLUMN_FLAGS = {
+    "data.text_column": "--text-column",
+    "data.text_pair_column": "--text-pair-column",
+    "data.label_column": "--label-column",
+}
+
+
+def require_columns(table: Table, columns: list[str], key_of: dict[str, str], flags: bool = False) -> None:
+    """Raise a DataError naming the config key (or, with `flags`, the command-line flag of
+    `eval` / `predict` that sets it) when a column is missing."""
     for column in columns:
         if column not in table.columns:
             near = [c for c in table.columns if c.lower() == column.lower()]
             hint = f" (did you mean '{near[0]}'?)" if near else ""
+            key = key_of[column]
+            fix = f"give {COLUMN_FLAGS[key]} <column name>" if flags and key in COLUMN_FLAGS else (
+                f"set {key}=<column name>")  # fmt: skip
             raise DataError(
-                f"{table.path}: no column '{column}'{hint}; the file has: {', '.join(table.columns)}. "
-                f"Set {key_of[column]}=<column name>"
+                f"{table.path}: no column {column!r}{hint}; the file has: {shown_list(table.columns)}. "
+                f"{fix[0].upper()}{fix[1:]}"
             )
 
 

@@ -3,20 +3,41 @@
 `pick_device` and `resolve_precision` decide the device and the autocast dtype for a config;
 `autocast` enters it; `peak_rss_mb` reads the process's memory high-water mark. Used by the
 loop, evaluation, estimate, compare and serve alike, so they sit below all of them.
+
+`train.precision=auto` on a CPU is decided by the CPU's features where they settle it (no bf16
+kernels: fp32; AMX: bf16) and otherwise by a calibration: how much faster bf16 matrix products
+run than float32 ones on this machine, measured once (the median of interleaved repetitions)
+and cached per CPU model and torch version in a small JSON file (`calibration_path`). Timing at
+every start-up, as tunelab once did, swung from 1.1x to 21x on a busy machine, so the same config
+and seed trained in different precisions. `TUNELAB_RECALIBRATE=1` measures again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import functools
+import json
+import os
+import platform
 import resource
+import statistics
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from tunelab.errors import ConfigError
+
+try:  # POSIX: processes calibrating at once take turns, so a machine is measured once
+    import fcntl
+except ImportError:  # Windows: without the lock two first runs may each measure (both are kept valid)
+    fcntl = None  # type: ignore[assignment]
 
 
 def pick_device() -> torch.device:
@@ -25,30 +46,165 @@ def pick_device() -> torch.device:
 
 # `auto` takes bf16 on a CPU only where its matrix products run at least this much faster than float32
 BF16_MIN_SPEEDUP = 1.2
+CACHE_DIR_ENV = "TUNELAB_CACHE_DIR"  # where the calibration is cached (default: the user's cache folder)
+RECALIBRATE_ENV = "TUNELAB_RECALIBRATE"  # "1": measure again and replace the cached calibration
+CALIBRATION_FILE = "cpu-precision.json"
+CALIBRATION_ROUNDS = 9  # interleaved float32/bf16 pairs; their median ratio is the calibration
 
 
-@functools.cache
-def cpu_bf16_speedup(size: int = 768, repeats: int = 5) -> float:
+def cpu_features() -> dict[str, Any]:
+    """What the CPU says about itself: its model, the instruction set torch dispatches to
+    (`torch.backends.cpu.get_cpu_capability()`), the bf16 flags of `/proc/cpuinfo` (Linux), and
+    whether oneDNN has bf16 kernels for it."""
+    model, flags = platform.processor() or platform.machine(), set()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    return {
+        "model": model,
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "amx_bf16": "amx_bf16" in flags,
+        "avx512_bf16": "avx512_bf16" in flags,
+        "bf16_kernels": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+    }
+
+
+def measure_bf16_speedup(size: int = 768, rounds: int = CALIBRATION_ROUNDS) -> dict[str, Any]:
     """How many times faster a bf16 matrix product (size x size x size) runs than a float32 one
-    on this CPU, best of `repeats` each; measured once per process (about 0.06 s here).
+    on this CPU: the median over `rounds` of the ratio of float32's time to bf16's (each the best
+    of three products), the two timed back to back (in alternating order) so that a load that comes and
+    goes touches both alike. Returns {"bf16_speedup", "rounds", "low", "high"}.
 
     Having the bf16 instructions does not make bf16 faster: on one 2-core machine here bf16
     products ran 2.2x faster than float32 (AMD, AVX-512 bf16), on another 0.55x (Intel without
     AMX, where oneDNN's bf16 kernels lose to float32 MKL), and whole training steps followed."""
-
     generator = torch.Generator().manual_seed(0)  # its own: the global random stream is left as it was
+    a, b = (torch.randn(size, size, generator=generator) for _ in range(2))
+    pairs = {torch.float32: (a, b), torch.bfloat16: (a.to(torch.bfloat16), b.to(torch.bfloat16))}
 
-    def best(dtype: torch.dtype) -> float:
-        a, b = (torch.randn(size, size, generator=generator).to(dtype) for _ in range(2))
-        torch.mm(a, b)  # the kernel's first call sets it up
+    def timed(dtype: torch.dtype) -> float:  # the best of three: a preempted product is not the CPU's speed
         times = []
-        for _ in range(repeats):
+        for _ in range(3):
             began = time.perf_counter()
-            torch.mm(a, b)
+            torch.mm(*pairs[dtype])
             times.append(time.perf_counter() - began)
         return min(times)
 
-    return best(torch.float32) / best(torch.bfloat16)
+    for dtype in pairs:  # each kernel's first call sets it up
+        torch.mm(*pairs[dtype])
+    ratios = []
+    for r in range(rounds):
+        if r % 2:
+            bf16, fp32 = timed(torch.bfloat16), timed(torch.float32)
+        else:
+            fp32, bf16 = timed(torch.float32), timed(torch.bfloat16)
+        ratios.append(fp32 / max(bf16, 1e-9))
+    return {
+        "bf16_speedup": round(statistics.median(ratios), 3),
+        "rounds": rounds,
+        "low": round(min(ratios), 3),
+        "high": round(max(ratios), 3),
+    }
+
+
+def cache_dir() -> Path:
+    """tunelab's per-user cache folder: $TUNELAB_CACHE_DIR, else $XDG_CACHE_HOME/tunelab, else
+    ~/.cache/tunelab."""
+    if os.environ.get(CACHE_DIR_ENV):
+        return Path(os.environ[CACHE_DIR_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "tunelab"
+
+
+def calibration_path() -> Path:
+    """The file that caches this machine's bf16 calibration (one entry per CPU model and torch version)."""
+    return cache_dir() / CALIBRATION_FILE
+
+
+def calibration_key(features: dict[str, Any]) -> str:
+    return f"{features['model']} | {features['capability']} | torch {torch.__version__}"
+
+
+def read_calibrations(path: Path) -> dict[str, Any]:
+    """The cached entries; an unreadable or malformed file (tunelab's own) counts as empty."""
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return entries if isinstance(entries, dict) else {}
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (POSIX), so that processes starting together measure once."""
+    if fcntl is None:
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def usable(entry: Any) -> bool:
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("bf16_speedup"), (int, float))
+        and entry["bf16_speedup"] > 0
+    )
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, then rename it over `path`."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(name, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+        raise
+
+
+@functools.cache
+def cpu_calibration() -> dict[str, Any]:
+    """This machine's bf16 calibration (`measure_bf16_speedup`), measured once per CPU model and
+    torch version and cached in `calibration_path()`; read from there after that (and once per
+    process). With TUNELAB_RECALIBRATE=1 it is measured again and the cache replaced. Where the
+    cache cannot be written, the measurement is used for this process only (and says so).
+
+    Returns the entry, plus "file" and "source" ("cache", "measured" or "measured, not cached")."""
+    features, path = cpu_features(), calibration_path()
+    key = calibration_key(features)
+    again = os.environ.get(RECALIBRATE_ENV, "") not in ("", "0")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with locked(path.with_name(path.name + ".lock")):
+            entries = read_calibrations(path)
+            if usable(entries.get(key)) and not again:
+                return {**entries[key], "file": str(path), "source": "cache"}
+            entry = {**measure_bf16_speedup(), "cpu": features["model"], "torch": torch.__version__,
+                     "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
+            entries[key] = entry
+            write_atomically(path, json.dumps(entries, indent=2))
+            return {**entry, "file": str(path), "source": "measured"}
+    except OSError as e:
+        entry = measure_bf16_speedup()
+        return {**entry, "file": str(path), "source": f"measured, not cached ({e.strerror or e})"}
+
+
+def cpu_bf16_speedup() -> float:
+    """The calibrated bf16-over-float32 speed-up of this CPU's matrix products (`cpu_calibration`)."""
+    return float(cpu_calibration()["bf16_speedup"])
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -58,9 +214,20 @@ def bf16_supported(device: torch.device) -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def auto_on_cpu() -> tuple[bool, str]:
+    """Whether `auto` takes bf16 on this CPU, and what decided: its features where they settle it
+    (no bf16 kernels; AMX tiles, whose bf16 products are several times float32's), else the
+    cached calibration (`cpu_calibration`)."""
+    if not bf16_supported(torch.device("cpu")):
+        return False, "cpu features: no bf16 kernels"
+    if cpu_features()["amx_bf16"]:
+        return True, "cpu features: AMX bf16"
+    return cpu_bf16_speedup() >= BF16_MIN_SPEEDUP, f"calibration: bf16 at least {BF16_MIN_SPEEDUP}x float32"
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for `precision`, or None for plain fp32. `auto` is bf16 on a GPU that
-    supports it, and on a CPU whose bf16 matrix products are measurably faster than float32."""
+    supports it, and on a CPU where `auto_on_cpu` says bf16 is faster."""
     if precision == "fp32":
         return None
     if precision == "fp16":
@@ -74,7 +241,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
                 f"train.precision: this {device.type.upper()} has no fast bf16; use fp32 or auto"
             )
         return torch.bfloat16
-    fast = supported and (device.type != "cpu" or cpu_bf16_speedup() >= BF16_MIN_SPEEDUP)
+    fast = supported if device.type != "cpu" else auto_on_cpu()[0]
     return torch.bfloat16 if fast else None
 
 
@@ -108,9 +275,15 @@ def peak_rss_mb() -> float:
 
 
 def precision_used(precision: str, device: torch.device) -> dict[str, Any]:
-    """What `train.precision` came to on this device, and for `auto` on a CPU the timing behind it."""
+    """What `train.precision` came to on this device; for `auto` on a CPU also what decided it
+    (`decided_by`), the CPU's features and, where the calibration decided, its cached entry."""
     dtype = resolve_precision(precision, device)
     used: dict[str, Any] = {"setting": precision, "used": precision_name(dtype)}
-    if precision == "auto" and device.type == "cpu" and bf16_supported(device):
-        used["cpu_bf16_speedup"] = round(cpu_bf16_speedup(), 2)
+    if precision == "auto" and device.type == "cpu":
+        _, used["decided_by"] = auto_on_cpu()
+        used["cpu"] = cpu_features()
+        if used["decided_by"].startswith("calibration"):
+            calibration = cpu_calibration()
+            used["cpu_bf16_speedup"] = round(float(calibration["bf16_speedup"]), 2)
+            used["calibration"] = {k: v for k, v in calibration.items() if k != "bf16_speedup"}
     return used

@@ -6,14 +6,15 @@ loads them (so bad input gives the same errors), and the first epoch's real batc
 built with the loop's own `length_batches`. Then, per method, a child process
 (`python -m tunelab.estimator --probe`, so that its peak RSS is its own) loads the same data, builds the model with `run.build_model` and trains
 through `loop.fit` on a few of the plan's steps, spread evenly over its sizes up to the
-longest (the memory peak), each run twice. As in training, `fit` ends with a validation
+longest (the memory peak), each run 1 + REPEATS times (4). As in training, `fit` ends with a validation
 pass, here on the longest validation rows at `train.eval_batch_size`. Then the child runs,
 once each, the plan's steps that bring the matrix shapes the probe did not see (batch shapes,
 and under the packed encoder its row counts; at most as many padded tokens as the probe's two
 passes): the memory steps.
 
-Time: the first two steps are warm-up; the repeated steps fit
-`time = a + b * padded tokens`. The memory steps' time over that line is the one-time cost of a new shape (kernel
+Time: the first pass is warm-up; each repeated pass fits its own
+`time = a + b * padded tokens`, and the pass whose epoch is the median gives the line (a load
+that comes and goes moves one pass, not the median; the passes' spread is reported beside it). The memory steps' time over that line is the one-time cost of a new shape (kernel
 set-up) in a process already under way, and what the probe's first pass took beyond the line
 and that cost is counted once (the warm-up, and the first touch of the memory the largest
 batch needs: SmolLM2 SFT estimates had been 12-20% high in three of four benchmark runs
@@ -74,6 +75,8 @@ from tunelab.speed.cache import CACHE_BUDGET_MB
 from tunelab.tasks.base import padded_length
 
 WARMUP_STEPS = 2  # run but left out of the fit: first-use allocations and set-up
+REPEATS = 3  # timed passes over the probe's steps after the first; the epoch is their median
+BUSY_SPREAD = 0.3  # a spread of the repeats' epochs beyond this share of the median: the machine was busy
 MEMORY_BUDGET = 2.0  # memory steps: up to this many times the padded tokens of the probe's steps
 CACHE_SAMPLE_ROWS = 1024  # freeze: training rows whose cache pass is timed, to scale to all
 
@@ -104,7 +107,11 @@ class MethodEstimate:
     steps_per_epoch: int
     trainable_params: int | None = None
     total_params: int | None = None
-    epoch_s: float | None = None  # the first epoch, with the one-time warm-up
+    epoch_s: float | None = None  # the first epoch, with the one-time warm-up: the repeats' median
+    epoch_s_repeats: list[float] = field(default_factory=list)  # the epoch from each repeated pass alone
+    epoch_s_low: float | None = None  # the spread: the least and most of `epoch_s_repeats`
+    epoch_s_high: float | None = None
+    epoch_spread: float | None = None  # (high - low) / median: over BUSY_SPREAD, the machine was busy
     eval_s: float | None = None  # one validation pass (approximate)
     peak_rss_mb: float | None = None
     peak_gpu_mb: float | None = None
@@ -138,18 +145,20 @@ class Estimate:
     steps_per_epoch: int
     batch_shapes: int  # distinct batch shapes in the epoch
     longest_step_tokens: int
-    probe_steps: int  # of the plan's steps, each run twice per method
+    probe_steps: int  # of the plan's steps, each run 1 + `repeats` times per method
     warmup_steps: int
+    repeats: int = REPEATS  # timed passes over the probe steps after the first
     methods: list[MethodEstimate] = field(default_factory=list)
 
     @property
     def basis(self) -> str:
         return (f"per method, {self.probe_steps} of the epoch's steps (shortest to longest, "
-                f"{self.longest_step_tokens:,} padded tokens) run twice each through the training loop on this "
-                f"machine, the first {self.warmup_steps} as warm-up, then once each the steps that bring the "
-                f"epoch's other batch shapes (memory steps, at most as many padded tokens as the two passes); "
-                f"time per step = a + b x padded tokens, fitted on the repeats and summed over the epoch's "
-                f"{self.steps_per_epoch} steps, plus a one-time cost per matrix shape ({self.batch_shapes} batch "
+                f"{self.longest_step_tokens:,} padded tokens) run {1 + self.repeats} times each through the training "
+                f"loop on this machine, the first pass as warm-up, then once each the steps that bring the "
+                f"epoch's other batch shapes (memory steps, at most as many padded tokens as two passes); "
+                f"time per step = a + b x padded tokens, fitted on each of the {self.repeats} repeated passes and "
+                f"summed over the epoch's {self.steps_per_epoch} steps (the median of the passes' epochs; their "
+                f"spread, least to most, beside it), plus a one-time cost per matrix shape ({self.batch_shapes} batch "
                 f"shapes in the epoch, and the packed encoder's row counts) timed on the memory steps, plus what "
                 f"the first pass took beyond that (warm-up, first touch of the peak memory)"
                 + ("; the frozen-layer cache's one-time pass, timed on a sample of the rows and scaled by tokens"
@@ -162,20 +171,28 @@ class Estimate:
         return {**dataclasses.asdict(self), "basis": self.basis}
 
     def table(self) -> str:
-        header = ["method", "trainable params", "time/epoch", "eval pass", "peak RSS", "steps/epoch"]
+        header = [
+            "method",
+            "trainable params",
+            "time/epoch",
+            "spread",
+            "eval pass",
+            "peak RSS",
+            "steps/epoch",
+        ]
         gpu = any(m.peak_gpu_mb is not None for m in self.methods)
         if gpu:
-            header.insert(5, "peak GPU")
+            header.insert(6, "peak GPU")
         rows, skipped = [], []
         for m in self.methods:
             name = ("* " if m.configured else "  ") + m.method
             if m.skipped is not None:
                 skipped.append(f"{name:<10}  skipped: {m.skipped}")
                 continue
-            cells = [name, f"{m.trainable_params:,}", duration(m.epoch_s), duration(m.eval_s),
+            cells = [name, f"{m.trainable_params:,}", duration(m.epoch_s), spread(m), duration(m.eval_s),
                      f"{m.peak_rss_mb:,.0f} MB", str(m.steps_per_epoch)]  # fmt: skip
             if gpu:
-                cells.insert(5, f"{m.peak_gpu_mb:,.0f} MB" if m.peak_gpu_mb is not None else "-")
+                cells.insert(6, f"{m.peak_gpu_mb:,.0f} MB" if m.peak_gpu_mb is not None else "-")
             rows.append(cells)
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
@@ -185,6 +202,15 @@ class Estimate:
                  + (f" x {self.gradient_accumulation} accumulated" if self.gradient_accumulation > 1 else "")
                  + f"; {self.device}, {self.threads} thread{'s' * (self.threads != 1)}, {self.precision}")  # fmt: skip
         return "\n".join([about, "", *lines, *skipped, "", f"* the config's method. Basis: {self.basis}."])
+
+
+def spread(m: MethodEstimate) -> str:
+    """The least and most of a method's per-pass epoch estimates, in the unit of the larger."""
+    if m.epoch_s_low is None or m.epoch_s_high is None:
+        return "-"
+    low, high = duration(m.epoch_s_low), duration(m.epoch_s_high)
+    unit = high.split()[-1]
+    return f"{low.split()[0]}-{high}" if low.split()[-1] == unit else f"{low}-{high}"
 
 
 def duration(seconds: float | None) -> str:
@@ -265,6 +291,15 @@ def memory_steps(plan: list[Step], probed: list[int], packed: bool, budget: floa
         else:
             rest += step.tokens
     return {"rows": rows, "steps": steps, "tokens": tokens, "rest_tokens": rest}
+
+
+def repeat_line(steps: list[list[float]]) -> tuple[float, float]:
+    """The step-time line (a, b) of one pass of [padded tokens, seconds, new shapes] steps: fitted
+    on the steps that brought no new shape, or on all of them where fewer than two did not."""
+    repeated = [m for m in steps if not m[2]]
+    if len(repeated) < 2:  # no repeats to separate the new-shape cost from: fit them all
+        repeated = steps
+    return fit_line([float(x) for x, _, _ in repeated], [t for _, t, _ in repeated])
 
 
 def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
@@ -405,6 +440,7 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
         "probe_peak_rss_mb": before_peak,
         "memory_cache_mb": memory_cache_mb,
         "probe_rows": len(spec["rows"]),
+        "pass_steps": spec.get("pass_steps"),
         "train_rows": spec["train_rows"],
         "trainable_params": trainable,
         "total_params": total,
@@ -478,7 +514,7 @@ def estimate(
     the configured one always comes first).
 
     `config`, `overrides` and kwargs are as for `train`. `steps`: how many of the epoch's
-    steps each method runs (twice each). `say` receives progress lines (default: stderr).
+    steps each method runs (1 + REPEATS times each). `say` receives progress lines (default: stderr).
     Raises TunelabError for bad options, config or data (as `train` does) and when the
     configured method cannot train; other methods that cannot are skipped, with the reason.
     """
@@ -505,10 +541,10 @@ def estimate(
                       batch_size=batch_size(config), gradient_accumulation=config.train.gradient_accumulation,
                       steps_per_epoch=len(plan), batch_shapes=len({b for s in plan for b in s.shapes}),
                       longest_step_tokens=max(s.tokens for s in plan), probe_steps=len(probed),
-                      warmup_steps=min(WARMUP_STEPS, 2 * len(probed) - 1))  # fmt: skip
+                      warmup_steps=min(WARMUP_STEPS, (1 + REPEATS) * len(probed) - 1))  # fmt: skip
     budget = MEMORY_BUDGET * sum(plan[s].tokens for s in probed)
     spec = {"rows": probe_rows(plan, steps), "validation_rows": validation,
-            "train_rows": len(splits.train), "steps": 2 * len(probed),
+            "train_rows": len(splits.train), "steps": (1 + REPEATS) * len(probed), "pass_steps": len(probed),
             "memory": {kind: memory_steps(plan, probed, kind == "packed", budget) for kind in ("packed", "plain")}}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="tunelab-estimate-") as tmp:
         for k, method in enumerate(order):
@@ -527,6 +563,9 @@ def estimate(
                 say(f"estimate: {method} skipped: {reason}")
             else:
                 predict(row, outcome, plan, eval_scale)
+                if (row.epoch_spread or 0.0) > BUSY_SPREAD:
+                    say(f"estimate: {method}'s repeated timings spread {duration(row.epoch_s_low)} to "
+                        f"{duration(row.epoch_s_high)}: the machine is busy; estimate again when it is idle")  # fmt: skip
             result.methods.append(row)
     return result
 
@@ -538,10 +577,17 @@ def predict(row: MethodEstimate, outcome: dict[str, Any], plan: list[Step], eval
     measured = outcome["steps"]
     warm = min(WARMUP_STEPS, len(measured) - 1)  # keep at least one step to fit
     timed = measured[warm:]
+    # one line per repeated pass over the probe's steps, so that a load that came and went shows
+    # as a spread; the pass whose epoch is the median gives the line used below
+    per_pass = outcome.get("pass_steps") or max(1, len(measured) // 2)
+    lines = [repeat_line(measured[k : k + per_pass]) for k in range(per_pass, len(measured), per_pass)]
+    if not lines:  # a single pass: fit what there is after the warm-up
+        lines = [repeat_line(timed)]
+    line_epochs = [sum(la + lb * step.tokens for step in plan) for la, lb in lines]
+    a, b = lines[sorted(range(len(lines)), key=line_epochs.__getitem__)[(len(lines) - 1) // 2]]
     repeated = [m for m in timed if not m[2]]
-    if len(repeated) < 2:  # no repeats to separate the new-shape cost from: fit them all
+    if len(repeated) < 2:
         repeated = timed
-    a, b = fit_line([float(x) for x, _, _ in repeated], [t for _, t, _ in repeated])
     # the probe's own one-time set-up (freeze's cache of its few rows) ran inside its first step
     probe_setup = outcome.get("setup_s", 0.0)
     later = outcome.get("memory_step_times", [])[1:]  # the first memory step also starts its loop
@@ -552,7 +598,7 @@ def predict(row: MethodEstimate, outcome: dict[str, Any], plan: list[Step], eval
         shapes = len({key for step in plan for key in step.keys(outcome.get("packed", False))})
         # what the probe's first pass took beyond the line and its shapes happens once a run:
         # the warm-up, and the first touch of the memory that the largest batch needs
-        first = measured[: max(1, len(measured) // 2)]
+        first = measured[:per_pass]
         warmup = max(0.0, sum(t - a - b * x for x, t, _ in first) - new_shape * len(first) - probe_setup)
     else:  # no memory steps: the new shapes' cost from the probe's own first pass
         fresh = [m for m in timed if m[2]] if repeated is not timed else []
@@ -565,7 +611,11 @@ def predict(row: MethodEstimate, outcome: dict[str, Any], plan: list[Step], eval
     # (`time_cache_pass`), else the probe's own scaled by rows
     scale = outcome.get("train_rows", 1) / max(1, outcome.get("probe_rows", 1)) - 1
     row.setup_s = outcome["cache_s"] if outcome.get("cache_s") is not None else probe_setup * (scale + 1)
-    row.epoch_s = sum(a + b * step.tokens for step in plan) + new_shape * shapes + warmup + row.setup_s
+    once = new_shape * shapes + warmup + row.setup_s
+    row.epoch_s = sum(a + b * step.tokens for step in plan) + once
+    row.epoch_s_repeats = [epoch + once for epoch in line_epochs]
+    row.epoch_s_low, row.epoch_s_high = min(row.epoch_s_repeats), max(row.epoch_s_repeats)
+    row.epoch_spread = (row.epoch_s_high - row.epoch_s_low) / row.epoch_s if row.epoch_s > 0 else 0.0
     row.timed_steps = len(timed)
     row.eval_s = outcome["eval_s"] * eval_scale
     row.trainable_params, row.total_params = outcome["trainable_params"], outcome["total_params"]

@@ -20,6 +20,7 @@ report (`export.json` inside the folder) records the difference.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import shutil
@@ -28,12 +29,14 @@ from typing import Any
 
 import torch
 
+from tunelab.checkpoint import crash_point
 from tunelab.errors import TunelabError
 from tunelab.generation import stop_token_ids
 from tunelab.methods import METHODS
 from tunelab.methods.common import output_logits
-from tunelab.model_card import write_model_card
-from tunelab.models import resolve_model
+from tunelab.model_card import base_model, write_model_card
+from tunelab.models import BUILTIN_MODELS, resolve_model
+from tunelab.outputs import check_writable, write_error
 from tunelab.run import Run
 
 AUTO_CLASSES = {
@@ -41,6 +44,7 @@ AUTO_CLASSES = {
     "regression": "AutoModelForSequenceClassification",
     "token-classification": "AutoModelForTokenClassification",
     "causal-lm": "AutoModelForCausalLM",
+    "preference": "AutoModelForCausalLM",
     "seq2seq": "AutoModelForSeq2SeqLM",
     "masked-lm": "AutoModelForMaskedLM",
     "question-answering": "AutoModelForQuestionAnswering",
@@ -90,8 +94,10 @@ def export(run_dir: str | Path, out: str | Path, merge: bool, say: Any = print) 
             the reloaded export does not reproduce the run's outputs.
     """
     out = Path(out)
-    if out.exists():
-        raise TunelabError(f"{out} already exists; choose another --out or remove it")
+    if out.exists() or out.is_symlink():
+        raise TunelabError(f"--out: {out} already exists; choose another --out or remove it")
+    tmp = out.parent / f".{out.name}.partial"
+    check_writable(out, f"--out {out}")  # before loading: a file in the way, read-only, /proc
     run = Run.load(run_dir)
     method = run.config.method
     module = METHODS[method]
@@ -109,23 +115,31 @@ def export(run_dir: str | Path, out: str | Path, merge: bool, say: Any = print) 
         raise TunelabError(f"method {method} has no PEFT adapter to export; {hint}")
     run.model.to("cpu").float()
     batch = run.task.probe_batch(probe_examples(run), run.tokenizer.pad_token_id)
-    tmp = out.parent / f".{out.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # an export interrupted before it could clean up
+    made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # removed again on failure
     try:
+        tmp.mkdir(parents=True)
         if merge:
             report = _export_merged(run, module, tmp, batch)
         else:
             report = _export_adapter(run, tmp, batch)
+        crash_point("export-write")  # test hook (tests/test_crash.py)
         report.update(_chat_check(run, tmp))
         (tmp / "export.json").write_text(json.dumps(report, indent=2) + "\n")
         write_model_card(run, tmp, report["kind"], report)  # README.md: the Hugging Face model card
         if report["max_abs_diff"] > TOLERANCE:
             raise TunelabError(f"export check failed: the reloaded export's logits differ from the run's by "
                                f"{report['max_abs_diff']:.3g} (tolerance {TOLERANCE:g}); nothing was written to {out}")  # fmt: skip
+        crash_point("export-rename")
         tmp.rename(out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in made:  # innermost first: the folders this export created on the way
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        error = None if isinstance(e, TunelabError) or not isinstance(e, Exception) else write_error(e, out)
+        if error is not None:  # a full disk or a read-only place: one line; SafetensorError is no OSError
+            raise TunelabError(f"{error}; nothing was written to {out}") from None
         raise
     say(f"tunelab: export checked on {report['examples']} held-out inputs: logits differ from the run's by at "
         f"most {report['max_abs_diff']:.2e}; written to {out}")  # fmt: skip
@@ -149,12 +163,25 @@ def _export_adapter(run: Any, tmp: Path, batch: dict[str, torch.Tensor]) -> dict
 
     run.model.save_pretrained(tmp)
     run.tokenizer.save_pretrained(tmp)
-    base_path = resolve_model(run.config.model)
-    base = run.task.build_model(base_path)  # the same head shape (labels) as training
-    reloaded = PeftModel.from_pretrained(base, str(tmp))
-    return {"kind": "adapter", "loads_with": "peft.PeftModel.from_pretrained", "base_model": base_path,
+    names = portable_base(run.config.model)
+    adapter_config = tmp / "adapter_config.json"  # PEFT wrote the base's folder inside this machine's venv
+    settings = json.loads(adapter_config.read_text())
+    settings["base_model_name_or_path"] = names.get("base_model_hub_id", names["base_model"])
+    adapter_config.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    base = run.task.build_model(resolve_model(run.config.model))  # the same head shape (labels) as training
+    reloaded = PeftModel.from_pretrained(base, str(tmp))  # reads the adapter_config.json shipped
+    return {"kind": "adapter", "loads_with": "peft.PeftModel.from_pretrained", **names,
             "max_abs_diff": max_difference(run.model, reloaded, batch), "examples": batch["input_ids"].shape[0],
             "method": run.config.method, "task": run.config.task}  # fmt: skip
+
+
+def portable_base(model: str) -> dict[str, str]:
+    """How an export names its base model so that it means the same on another machine: a
+    built-in model by its built-in name (with the hub id of the same weights), a hub model by
+    its id, a local folder or an earlier run as the config gave it."""
+    if model in BUILTIN_MODELS:
+        return {"base_model": model, "base_model_hub_id": base_model(model)[0]}
+    return {"base_model": model}
 
 
 def _generation_config(run: Any, folder: Path) -> None:
@@ -172,7 +199,7 @@ def _generation_config(run: Any, folder: Path) -> None:
 
 def _chat_check(run: Any, folder: Path) -> dict[str, Any]:
     """For chat runs: the saved template and end-of-turn tokens are those used in training."""
-    if run.config.task != "causal-lm":
+    if run.config.task not in ("causal-lm", "preference"):
         return {}
     from transformers import AutoTokenizer
 

@@ -32,6 +32,7 @@ TASK_METRICS = {
     "seq2seq": ("loss", "perplexity"),
     "masked-lm": ("loss", "perplexity", "accuracy"),
     "question-answering": ("f1", "exact_match"),
+    "preference": ("reward_accuracy", "reward_margin", "logps_chosen", "logps_rejected"),
 }
 
 

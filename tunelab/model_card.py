@@ -35,6 +35,7 @@ PIPELINES = {
     "regression": ("text-classification", "AutoModelForSequenceClassification"),
     "token-classification": ("token-classification", "AutoModelForTokenClassification"),
     "causal-lm": ("text-generation", "AutoModelForCausalLM"),
+    "preference": ("text-generation", "AutoModelForCausalLM"),
     "seq2seq": ("text2text-generation", "AutoModelForSeq2SeqLM"),
 }
 LIBRARIES = {"merged": "transformers", "adapter": "peft", "onnx": "onnx", "gguf": "gguf"}
@@ -43,6 +44,7 @@ INTENDED_USE = {
     "regression": "scoring texts like those in the training data on the trained scale",
     "token-classification": "tagging the words of texts like those in the training data with the trained tags",
     "causal-lm": "answering prompts in the style and domain of the training data",
+    "preference": "answering prompts the way the preferred answers of the training pairs do",
     "seq2seq": "turning source texts into target texts like those in the training data",
 }
 # hyper-parameters shown in the card's table (the whole config.yaml follows it, folded)
@@ -261,7 +263,7 @@ def _intended_use(run: Any, kind: str) -> list[str]:
              f"held-out data before relying on it.", "",
              "It inherits the limitations and biases of its base model and of its training data; the "
              "scores above come from held-out rows of the same data, not from an independent audit."]  # fmt: skip
-    if config.task in ("causal-lm", "seq2seq"):
+    if config.task in ("causal-lm", "seq2seq", "preference"):
         lines.append("")
         lines.append("Generated text can be fluent and wrong: do not use it where a false answer causes harm "
                      "without a person checking it.")  # fmt: skip
@@ -275,7 +277,7 @@ def _intended_use(run: Any, kind: str) -> list[str]:
 def _how_to_load(run: Any, kind: str, name: str, data: ModelCardData, extra: dict[str, Any]) -> list[str]:
     config = run.config
     auto = PIPELINES.get(config.task, ("", "AutoModel"))[1]
-    generative = config.task in ("causal-lm", "seq2seq")
+    generative = config.task in ("causal-lm", "seq2seq", "preference")
     use = 'inputs = tokenizer(["a text to label"], return_tensors="pt")\nprint(model(**inputs).logits)'
     if generative:
         use = ('inputs = tokenizer("Hello!", return_tensors="pt")\n'

@@ -126,6 +126,11 @@ def resolve_model(name: str) -> str:
                 f"model folder {path} has no config.json; give a Hugging Face model "
                 f"folder, or one of the built-in models: {', '.join(BUILTIN_MODELS)}"
             )
+        if not has_weights(path):
+            raise ConfigError(
+                f"model folder {path} has config.json but no weights (model.safetensors or pytorch_model.bin); "
+                f"copy the weight files into it, or give another model"
+            )
         return str(path)
     if name.count("/") == 1 and not name.startswith((".", "/")):
         return name  # a hub id; loading reports if the hub cannot be reached
@@ -133,6 +138,41 @@ def resolve_model(name: str) -> str:
         f"model '{name}' is neither a built-in model ({', '.join(BUILTIN_MODELS)}), "
         f"an existing folder, nor a hub id like 'org/name'"
     )
+
+
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "*.gguf", "*.h5",
+                "*.msgpack", "*.pt", "*.pth", "*.ckpt")  # fmt: skip
+
+
+def has_weights(folder: Path) -> bool:
+    """Whether a model folder holds weight files of any format `from_pretrained` reads (a PEFT
+    adapter folder: its adapter_model file)."""
+    if (folder / "adapter_config.json").is_file():
+        return any((folder / f"adapter_model.{ext}").is_file() for ext in ("safetensors", "bin"))
+    return any(next(folder.glob(pattern), None) is not None for pattern in WEIGHT_FILES)
+
+
+# models whose position ids start after the padding index (RoBERTa's `padding_idx + 1`)
+OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "longformer", "bart", "mbart", "ibert")
+
+
+def position_limit(model_path: str) -> int | None:
+    """The longest input, in tokens, the model's position embeddings cover (None when it has
+    no fixed limit, e.g. T5's relative positions, or its config cannot be read here)."""
+    from transformers import AutoConfig
+
+    try:
+        with quiet_transformers():
+            config = AutoConfig.from_pretrained(model_path)
+    except (OSError, ValueError):  # a hub id that is not cached: loading the model reports it
+        return None
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        limit = getattr(config, key, None)
+        if isinstance(limit, int) and limit > 0:
+            if getattr(config, "model_type", "") in OFFSET_POSITIONS and isinstance(config.pad_token_id, int):
+                limit -= config.pad_token_id + 1
+            return limit
+    return None
 
 
 def resolves_plain(run: Path) -> bool:

@@ -43,6 +43,7 @@ from tunelab.errors import ConfigError, TunelabError
 from tunelab.methods import METHODS
 from tunelab.model_card import scalar_metrics, write_model_card
 from tunelab.onnx_model import INSTALL_HINT, INT8_FILE, ONNX_FILE, RUN_CONFIG, load_onnx
+from tunelab.outputs import check_writable
 from tunelab.run import Run
 
 ONNX_TASKS = ("classification", "token-classification", "regression")
@@ -63,6 +64,7 @@ def export_onnx(run_dir: str | Path, out: str | Path, int8: bool = False, say: A
     out, run_dir = Path(out), Path(run_dir)
     if out.exists():
         raise TunelabError(f"{out} already exists; choose another --out or remove it")
+    check_writable(out, f"--out {out}")  # before loading: a file in the way, read-only, /proc
     check_request(run_dir)
     run = Run.load(run_dir)
     run.model.to("cpu").float()

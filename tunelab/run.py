@@ -35,10 +35,10 @@ import numpy as np
 import torch
 
 from tunelab import __version__, speed
-from tunelab.checkpoint import latest_checkpoint
+from tunelab.checkpoint import crash_point, discard, latest_checkpoint
 from tunelab.config import Config, load_config, save_config, to_dict
 from tunelab.console import say
-from tunelab.data import is_missing, read_table, require_columns
+from tunelab.data import is_missing, read_table, refuse_blank_rows, require_columns
 from tunelab.datacheck import check_data
 from tunelab.device import peak_rss_mb, pick_device, precision_used, resolve_precision
 from tunelab.dist import device_for, full_state, init_distributed, shutdown
@@ -46,7 +46,16 @@ from tunelab.errors import ConfigError, Interrupted, TunelabError
 from tunelab.loop import fit
 from tunelab.methods import METHODS, plain_weights
 from tunelab.methods.common import merge_checked
-from tunelab.models import count_params, load_tokenizer, quiet_transformers, resolve_model, resolves_plain
+from tunelab.models import (
+    count_params,
+    has_weights,
+    load_tokenizer,
+    position_limit,
+    quiet_transformers,
+    resolve_model,
+    resolves_plain,
+)
+from tunelab.outputs import check_replaceable, check_writable, is_run, mark_run, move_into_place, write_error
 from tunelab.tasks import TASKS
 from tunelab.tasks.generative import write_samples
 from tunelab.trackers import Trackers
@@ -108,7 +117,10 @@ def default_output_dir(config: Config) -> str:
 
 
 def write_json(path: Path, value: Any) -> None:
-    path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+    """Write whole or not at all: a crash mid-write leaves the previous file (or none)."""
+    part = path.with_name(f".{path.name}.partial")
+    part.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+    os.replace(part, path)
 
 
 def check_merge(
@@ -144,6 +156,9 @@ class Run:
             if partial_dir(path).exists():
                 hint = f" (an unfinished attempt exists: {partial_dir(path)}; tunelab train --resume {path})"
             raise TunelabError(f"{path} is not a finished tunelab run: it needs config.yaml and model/{hint}")
+        if not has_weights(path / "model"):
+            raise TunelabError(f"{path / 'model'} holds no weights (no model or adapter_model .safetensors): the "
+                               f"run is incomplete; train it again: tunelab train {path / 'config.yaml'} --overwrite")  # fmt: skip
         config = load_config(path / "config.yaml")
         task = TASKS[config.task](config)
         tokenizer = load_tokenizer(str(path / "model"))
@@ -181,6 +196,8 @@ class Run:
     def predict_file(self, path: str | Path) -> list[dict[str, Any]]:
         """Predictions for every row of a file's `data.text_column` (+ text pair column); for
         generative runs, an answer for each row's prompt (same layout as training, answer optional)."""
+        if self.task.generative or hasattr(self.task, "file_inputs"):
+            refuse_blank_rows(path)  # an answer per row, in order
         if self.task.generative:
             prompts = self.task.file_prompts(self.task.read(str(path), need_labels=False), self.tokenizer)
             answers = self.generate([p for _, p in prompts])
@@ -189,18 +206,23 @@ class Run:
             shown, texts, pairs = self.task.file_inputs(str(path))
             return [{**s, **p} for s, p in zip(shown, self.predict(texts, pairs))]
         d = self.config.data
-        table = read_table(path, "auto" if d.format == "conll" else d.format)
+        # blank rows stay (one output per input row, so the output lines up with the file)
+        table = read_table(path, "auto" if d.format == "conll" else d.format, keep_blank=True)
         columns = [d.text_column] + ([d.text_pair_column] if d.text_pair_column else [])
-        require_columns(table, columns, dict(zip(columns, ("data.text_column", "data.text_pair_column"))))
-        for i, row in enumerate(table.rows):
-            for column in columns:
-                if is_missing(row.get(column)):
-                    raise TunelabError(
-                        f"{table.where(i)}: column '{column}' is empty; fill in the text or remove the row"
-                    )
-        texts = [str(r[d.text_column]) for r in table.rows]
-        pairs = [str(r[d.text_pair_column]) for r in table.rows] if d.text_pair_column else None
-        return [{"text": t, **p} for t, p in zip(texts, self.predict(texts, pairs))]
+        require_columns(table, columns, dict(zip(columns, ("data.text_column", "data.text_pair_column"))),
+                        self.task.column_flags)  # fmt: skip
+        results: list[dict[str, Any]] = [
+            {"text": "" if is_missing(r.get(d.text_column)) else str(r[d.text_column]),
+             "skipped": f"empty input ({table.lines[i]})"}
+            for i, r in enumerate(table.rows)
+        ]  # fmt: skip
+        keep = [i for i, r in enumerate(table.rows) if not any(is_missing(r.get(c)) for c in columns)]
+        if keep:
+            texts = [str(table.rows[i][d.text_column]) for i in keep]
+            pairs = [str(table.rows[i][d.text_pair_column]) for i in keep] if d.text_pair_column else None
+            for i, prediction in zip(keep, self.predict(texts, pairs)):
+                results[i] = {"text": results[i]["text"], **prediction}
+        return results
 
     def evaluate(self, path: str | Path, baseline: bool | None = None) -> dict[str, Any]:
         """Task metrics on a labelled file (same columns as training). Generative runs add
@@ -238,16 +260,23 @@ def resume_point(config: Config, out: Path, resume: bool, overwrite: bool) -> tu
 
     Raises TunelabError when a finished or unfinished run is in the way and nothing was said."""
     partial = partial_dir(out)
-    if overwrite:
+    for place in (out, partial):  # before any loading: a file in the way, a read-only place, /proc
+        if place is partial or not out.is_dir():  # (an existing folder: where its sibling goes)
+            check_writable(place, f"output_dir {out}")
+    if overwrite:  # only a tunelab run is ever replaced, and only once the new one has finished
+        check_replaceable(out)
+        check_replaceable(partial)
         shutil.rmtree(partial, ignore_errors=True)
         return config, None
-    if out.exists():
-        raise TunelabError(f"{out} already exists; choose another output_dir=... or pass --overwrite "
-                           f"(overwrite=True in Python) to replace it")  # fmt: skip
+    if out.exists() or out.is_symlink():
+        kind = "a tunelab run" if is_run(out) else "not a tunelab run, so --overwrite will not replace it"
+        raise TunelabError(f"{out} already exists ({kind}); choose another output_dir=... or pass --overwrite "
+                           f"(overwrite=True in Python) to replace a run")  # fmt: skip
     latest = latest_checkpoint(partial / "checkpoints")
     if not partial.exists():
         if resume and config.train.resume != "auto":
-            raise TunelabError(f"nothing to resume: no unfinished run at {out}")
+            raise TunelabError(f"nothing to resume: no unfinished run at {out} (none was started, or it was "
+                               f"stopped before writing anything); start it with: tunelab train CONFIG")  # fmt: skip
         return config, None
     if not (resume or config.train.resume == "auto") or latest is None:
         where = f" (latest checkpoint: {latest.name})" if latest else " (no checkpoint yet)"
@@ -260,6 +289,26 @@ def resume_point(config: Config, out: Path, resume: bool, overwrite: bool) -> tu
                            f"settings ({partial / 'config.yaml'}); pass --overwrite to start over")  # fmt: skip
     saved.train.progress_bar = config.train.progress_bar
     return saved, latest
+
+
+def recover_finished(config: Config, out: Path, resume: bool, overwrite: bool) -> Run | None:
+    """A run stopped after its last file (eval.json) was written but before its folder was
+    renamed into place is complete: with --resume (or train.resume=auto and the same settings)
+    move it there instead of training again. None when there is no such run.
+
+    Raises TunelabError when there is one and resuming was not asked for."""
+    partial = partial_dir(out)
+    if overwrite or out.exists() or out.is_symlink() or not (partial / "eval.json").is_file():
+        return None
+    if not (resume or config.train.resume == "auto"):
+        raise TunelabError(f"{partial} holds a finished run that was stopped before it was moved into place; "
+                           f"finish it with: tunelab train --resume {out}; or pass --overwrite to start over")  # fmt: skip
+    if not resume and not _same_settings(load_config(partial / "config.yaml"), config):
+        return None  # resume_point says why it will not resume
+    discard(partial / "checkpoints")
+    partial.rename(out)
+    say(f"the run had finished before it was stopped; moved {partial} into place: {out}")
+    return Run.load(out)
 
 
 def run_config(config: Config | str | Path | None, overrides: list[str] | None, resume: str | Path | None,
@@ -306,11 +355,25 @@ def load_inputs(config: Config) -> tuple[str, Any, Any, Any]:
     seed_everything(config.seed)
     encoder_from_run(config.model)
     model_path = resolve_model(config.model)
+    check_positions(config, model_path)
     tokenizer = load_tokenizer(model_path)
     task = TASKS[config.task](config)
     splits = task.load_splits(tokenizer)
     config.data.labels = list(task.labels) if task.labels and config.task != "regression" else None
     return model_path, tokenizer, task, splits
+
+
+def check_positions(config: Config, model_path: str) -> None:
+    """Raise before training when data.max_length (or data.block_size) asks for more tokens than
+    the model has positions: otherwise the first long batch fails mid-training."""
+    limit = position_limit(model_path)
+    for key, value in (
+        ("data.max_length", config.data.max_length),
+        ("data.block_size", config.data.block_size),
+    ):
+        if limit is not None and value is not None and value > limit:
+            raise ConfigError(f"{key}={value} is longer than the model {config.model} allows ({limit} positions, "
+                              f"from its config.json); set {key}={limit} or less")  # fmt: skip
 
 
 def encoder_from_run(model: str) -> None:
@@ -386,6 +449,9 @@ def train_in_process(config: Config, resume: bool, overwrite: bool) -> Run:
     assert config.output_dir is not None  # run_config fills it in
     out = Path(config.output_dir)
     dist = init_distributed()
+    finished = None if dist.active else recover_finished(config, out, resume, overwrite)
+    if finished is not None:
+        return finished
     config, checkpoint = resume_point(config, out, resume, overwrite)
     model_path, tokenizer, task, splits = load_inputs(config)
     method = METHODS[config.method]
@@ -410,13 +476,15 @@ def train_in_process(config: Config, resume: bool, overwrite: bool) -> Run:
     device = device_for(dist) if dist.active else pick_device()
     if dist.is_main:
         tmp.mkdir(parents=True, exist_ok=True)
+        (tmp / "eval.json").unlink(missing_ok=True)  # present only once the run is complete
+        mark_run(tmp)
         save_config(config, tmp / "config.yaml")
         env = environment(config, device, splits.files, speed.report_for(model).as_dict())
         write_json(tmp / "env.json", env)
     done = json.loads((checkpoint / "state.json").read_text())["result"]["steps"] if checkpoint else 0
     trackers = Trackers(config, tmp, done, enabled=dist.is_main)  # train.report_to, on rank 0
     try:
-        with metrics_log(tmp / "metrics.jsonl", done, dist.is_main, trackers) as log:
+        with write_errors(tmp, out), metrics_log(tmp / "metrics.jsonl", done, dist.is_main, trackers) as log:
             result = fit(model, task, splits.train, splits.validation, config, lr, tokenizer.pad_token_id, log,
                          device, checkpoint_dir=tmp / "checkpoints", resume_from=checkpoint, dist=dist)  # fmt: skip
     except Interrupted as e:
@@ -432,25 +500,52 @@ def train_in_process(config: Config, resume: bool, overwrite: bool) -> Run:
     if not dist.is_main:
         shutdown(dist)
         return Run(out, config, task, model, tokenizer)
-    run = finish_run(config, task, method, model, tokenizer, splits, result, lr, tmp, out)
+    with write_errors(tmp, out):
+        run = finish_run(config, task, method, model, tokenizer, splits, result, lr, tmp, out)
     trackers.finish(out, json.loads((out / "eval.json").read_text()))
     shutdown(dist)
     return run
 
 
 @contextmanager
+def write_errors(tmp: Path, out: Path) -> Iterator[None]:
+    """A full disk, or a folder that turned read-only, while the run is written: one line instead
+    of a traceback, and no hidden folder left that blocks a re-run without saying so. The
+    unfinished run is kept when it has a checkpoint to resume from, else removed."""
+    try:
+        yield
+    except Exception as e:  # an OSError, or safetensors' SafetensorError (which is not one)
+        error = None if isinstance(e, TunelabError) else write_error(e, tmp)
+        if error is None:
+            raise
+        if latest_checkpoint(tmp / "checkpoints") is not None:
+            raise TunelabError(f"{error}; the unfinished run {tmp} keeps its checkpoints: resume with "
+                               f"`tunelab train --resume {out}`, or delete {tmp} to start over") from None  # fmt: skip
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise TunelabError(f"{error}; the unfinished run {tmp} was removed") from None
+
+
+@contextmanager
 def metrics_log(path: Path, keep_until: int, enabled: bool,
                 trackers: Trackers | None = None) -> Iterator[Callable[[dict[str, Any]], None]]:  # fmt: skip
     """A writer of metrics.jsonl lines, each also sent to the `trackers`; on resume, lines after
-    the checkpoint's step are dropped (they will be written again)."""
+    the checkpoint's step are dropped (they will be written again), and so is a last line cut
+    short by a crash (it always comes after the checkpoint)."""
     if not enabled:
         yield lambda entry: None
         return
     kept = []
-    if keep_until and path.exists():
-        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= keep_until]
-    with open(path, "w") as f:
-        f.write("".join(line + "\n" for line in kept))
+    for line in path.read_text().splitlines() if keep_until and path.exists() else []:
+        try:
+            if json.loads(line)["step"] <= keep_until:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            break
+    part = path.with_name(f".{path.name}.partial")  # the kept lines replace the file in one step
+    part.write_text("".join(line + "\n" for line in kept))
+    crash_point("metrics-rewrite")
+    os.replace(part, path)
+    with open(path, "a") as f:
 
         def log(entry: dict[str, Any]) -> None:
             f.write(json.dumps(entry) + "\n")
@@ -502,7 +597,9 @@ def finish_run(config: Config, task: Any, method: Any, model: torch.nn.Module, t
     env = json.loads((tmp / "env.json").read_text())  # with the cache's outcome and the encoder's paths
     write_json(tmp / "env.json", {**env, "speed": speed.report_for(model).as_dict()})
     speed.undo(model)
+    discard(tmp / "model")  # an earlier attempt's, cut short by a crash
     method.save(model, tmp / "model")
+    crash_point("final-save")
     tokenizer.save_pretrained(tmp / "model")
     if method.merge is not None and not plain_weights(method):
         report["merge"] = check_merge(
@@ -511,11 +608,11 @@ def finish_run(config: Config, task: Any, method: Any, model: torch.nn.Module, t
         say(
             f"merge check: merged and unmerged logits differ by at most {report['merge']['max_abs_diff']:.2e}"
         )
-    write_json(tmp / "eval.json", report)
-    shutil.rmtree(tmp / "checkpoints", ignore_errors=True)  # a finished run needs no resume state
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    write_json(tmp / "eval.json", report)  # written last: it marks the run complete (`recover_finished`)
+    crash_point("final-checkpoints")
+    discard(tmp / "checkpoints")  # a finished run needs no resume state
+    crash_point("final-rename")
+    move_into_place(tmp, out)  # a previous run at `out` is removed only now
     run.path = out
     summary = ", ".join(f"{split} {report[split][task.default_metric]:.4f}"
                         for split in ("validation", "test") if split in report)  # fmt: skip

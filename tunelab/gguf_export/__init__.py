@@ -44,6 +44,7 @@ from tunelab.gguf_export.modelfile import modelfile
 from tunelab.methods import METHODS
 from tunelab.model_card import write_model_card
 from tunelab.models import quiet_transformers, resolve_model
+from tunelab.outputs import check_writable
 from tunelab.run import Run
 from tunelab.tasks.base import split_tables
 
@@ -62,12 +63,13 @@ def check_request(run_dir: Path, out: Path, quant: str) -> Any:
     """
     if out.exists():
         raise TunelabError(f"{out} already exists; choose another --out or remove it")
+    check_writable(out, f"--out {out}")  # before loading: a file in the way, read-only, /proc
     if quant not in QUANTS:
         raise TunelabError(f"--quant {quant}: choose one of {', '.join(QUANTS)}")
     if not (run_dir / "config.yaml").is_file():
         raise TunelabError(f"{run_dir} is not a finished tunelab run: it needs config.yaml and model/")
     config = load_config(run_dir / "config.yaml")
-    if config.task != "causal-lm":
+    if config.task not in ("causal-lm", "preference"):  # a preference run is a causal LM
         other = "--onnx or --merge" if config.task != "seq2seq" else "--merge"
         raise TunelabError(f"GGUF export is for causal-lm decoders; {run_dir} is a {config.task} run; "
                            f"use {other}")  # fmt: skip

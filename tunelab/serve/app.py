@@ -9,6 +9,7 @@ is answered with the OpenAI-style error body.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -19,7 +20,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from tunelab.errors import ConfigError
 from tunelab.serve.feedback import AnswerLog, check_log_folder
+from tunelab.serve.guard import BodyGuard
 from tunelab.serve.limits import Limits
 from tunelab.serve.loading import load_served
 from tunelab.serve.routes import Served, router
@@ -35,6 +38,9 @@ KEEP_ALIVE_S = 75
 # stop indefinitely. Orchestrators kill after 30 s (Kubernetes' default grace period): 15 s for
 # open requests plus at most JOIN_TIMEOUT_S (10 s) for the worker's model call stay within it.
 GRACEFUL_SHUTDOWN_S = 15
+# the largest incomplete request head (request line and headers) the h11 parser holds; uvicorn's
+# httptools parser, used where it is installed, has its own fixed bound
+MAX_HEAD_BYTES = 16 * 1024
 
 
 async def on_api_error(request: Request, error: APIError) -> JSONResponse:
@@ -110,7 +116,36 @@ def create_app(
     answers = AnswerLog(log, model_id, run.config.task) if log is not None else None
     app.state.served = Served(run, Worker(run, limits), limits, model_id, api_key, answers)
     app.include_router(router)
+    # inside Starlette's error handling, so that a 413 or 408 raised while the body is read gets
+    # the same error body as every other refusal
+    app.add_middleware(BodyGuard, max_body_kb=limits.max_body_kb, timeout_s=limits.body_timeout_s)
     return app
+
+
+def check_address(host: str, port: int) -> None:
+    """Refuse a port out of range, a host that does not resolve, or an address something else
+    listens on, before the model loads (uvicorn would find out only after it had loaded).
+
+    Raises:
+        ConfigError: naming `--host` or `--port` and what to do.
+    """
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port must be between 0 and 65535 (got {port}); 8000 is the default")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise ConfigError(
+            f"--host {host}: not an address of this machine ({e.strerror}); use 127.0.0.1, or 0.0.0.0 for all"
+        ) from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise ConfigError(
+                f"--port {port}: cannot listen on {host}:{port} ({e.strerror}); choose another --port "
+                "or stop what uses it"
+            ) from None
 
 
 def serve(
@@ -125,9 +160,11 @@ def serve(
     with `log`, store every answer and take feedback (see `create_app`).
 
     Raises:
-        TunelabError: `path` holds nothing servable, or `log` is not a writable folder.
+        TunelabError: `path` holds nothing servable, `log` is not a writable folder, or the
+            address cannot be listened on.
     """
     limits = limits or Limits()
+    check_address(host, port)
     api_key = api_key or os.environ.get("TUNELAB_API_KEY") or None
     if log is not None:
         check_log_folder(log)  # before the model loads
@@ -149,4 +186,5 @@ def serve(
         # past this many open connections uvicorn answers 503 at once, instead of queueing requests
         # without bound or failing to accept once the process runs out of file descriptors
         limit_concurrency=limits.max_connections,
+        h11_max_incomplete_event_size=MAX_HEAD_BYTES,
     )

@@ -21,7 +21,8 @@ def flag(name: str) -> str:
 class Limits:
     """What one request may ask for, and how the server batches and admits requests.
 
-    A request over a limit gets a 400 naming the limit before it reaches the model.
+    A request over a limit gets a 400 naming the limit before it reaches the model (a body over
+    `max_body_kb`, a 413 before it is read).
 
     Raises:
         ConfigError: a limit below its minimum (1; 0 for `batch_wait_ms`), naming its flag.
@@ -38,6 +39,12 @@ class Limits:
     max_model_batch: int = field(default=32, metadata={"help": "most inputs in one model call"})
     max_connections: int = field(
         default=512, metadata={"help": "most open connections; the server answers more with 503"}
+    )
+    max_body_kb: int = field(
+        default=1024, metadata={"help": "largest request body in KB; a larger one gets 413 unread"}
+    )
+    body_timeout_s: float = field(
+        default=30.0, metadata={"help": "longest wait (s) for the next part of a request body; then 408"}
     )
 
     def __post_init__(self) -> None:

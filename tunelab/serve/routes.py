@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -33,7 +34,7 @@ from tunelab.serve.schemas import (
     InputRequest,
     Sampling,
 )
-from tunelab.serve.worker import Decoding, Job, ServedRun, Worker, cut_at_stop
+from tunelab.serve.worker import Decoding, Job, ServedRun, StreamCancelled, Worker, cut_at_stop
 
 # the endpoint each task answers on, for the 404 a request to another task's endpoint gets
 ENDPOINT_OF_TASK = {
@@ -62,7 +63,7 @@ class Served:
     @property
     def task(self) -> str:
         task: str = self.run.config.task
-        return task
+        return "causal-lm" if task == "preference" else task  # a preference run is a chat model
 
     def count_tokens(self, text: str) -> int:
         return len(self.run.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -162,6 +163,7 @@ async def health(state: ServedState) -> dict[str, Any]:
         "model": state.model_id,
         "requests": worker.requests,
         "model_calls": worker.model_calls,
+        "streams_stopped": worker.streams_stopped,
     }
 
 
@@ -209,12 +211,34 @@ async def answer(body: AnswerRequest, state: ServedState) -> dict[str, Any]:
 Chunk = Callable[[str, str | None], dict[str, Any]]  # (text, finish_reason) -> one streamed event
 
 
+class CancellableStreamer(AsyncTextIteratorStreamer):
+    """transformers' asyncio streamer that stops `generate` once its reader has gone away: after
+    `cancel()`, the next token `generate` hands it raises StreamCancelled in the model thread."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def put(self, value: Any) -> None:
+        if self.cancelled.is_set():
+            raise StreamCancelled("the client disconnected")
+        super().put(value)
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if self.cancelled.is_set() and not stream_end:
+            raise StreamCancelled("the client disconnected")
+        super().on_finalized_text(text, stream_end)
+
+
 def stream(state: Served, prompt: str, settings: Decoding, chunk: Chunk,
            done: Callable[[str], None] | None = None) -> StreamingResponse:  # fmt: skip
     """Generate `prompt` as server-sent events: a chunk per decoded piece, a finishing chunk, [DONE];
     `done` gets the whole text once the last event is sent."""
     # made here, on the event loop: the streamer hands each piece to it with call_soon_threadsafe
-    streamer = AsyncTextIteratorStreamer(
+    streamer = CancellableStreamer(
         state.run.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=STREAM_TIMEOUT_S
     )
     job = state.worker.submit("stream", [prompt], settings, streamer)
@@ -222,29 +246,37 @@ def stream(state: Served, prompt: str, settings: Decoding, chunk: Chunk,
 
 
 async def events(job: Job, chunk: Chunk, done: Callable[[str], None] | None = None) -> AsyncIterator[str]:
-    """The events of a stream job; text after a stop sequence is cut, as OpenAI does."""
+    """The events of a stream job; text after a stop sequence is cut, as OpenAI does. When the
+    client disconnects, Starlette cancels this generator: the job's streamer is cancelled then, so
+    that the model thread stops generating for nobody and takes the next request."""
     text = ""
     stop = job.decoding.stop if job.decoding else ()
-    async for piece in job.streamer:
-        if not piece:
-            continue
-        if stop:
-            cut = cut_at_stop(text + piece, stop)
-            if len(cut) < len(text + piece):
-                piece = cut[len(text) :]
-                text = cut
-                if piece:
-                    yield f"data: {json.dumps(chunk(piece, None))}\n\n"
-                break
-        text += piece
-        yield f"data: {json.dumps(chunk(piece, None))}\n\n"
-    # the 200 and the pieces are already sent: a failed model call can only end the stream early
-    with contextlib.suppress(Exception):
-        await job.future
-    yield f"data: {json.dumps(chunk('', 'stop'))}\n\n"
-    if done is not None:
-        done(text)
-    yield "data: [DONE]\n\n"
+    finished = False
+    try:
+        async for piece in job.streamer:
+            if not piece:
+                continue
+            if stop:
+                cut = cut_at_stop(text + piece, stop)
+                if len(cut) < len(text + piece):
+                    piece = cut[len(text) :]
+                    text = cut
+                    if piece:
+                        yield f"data: {json.dumps(chunk(piece, None))}\n\n"
+                    break
+            text += piece
+            yield f"data: {json.dumps(chunk(piece, None))}\n\n"
+        # the 200 and the pieces are already sent: a failed model call can only end the stream early
+        with contextlib.suppress(Exception):
+            await job.future
+        yield f"data: {json.dumps(chunk('', 'stop'))}\n\n"
+        if done is not None:
+            done(text)
+        yield "data: [DONE]\n\n"
+        finished = True
+    finally:
+        if not finished and hasattr(job.streamer, "cancel"):
+            job.streamer.cancel()
 
 
 @router.post("/v1/completions", dependencies=authorized)

@@ -4,7 +4,9 @@ Requests become jobs on a queue. The thread takes the first job waiting, then ev
 same kind and decoding settings that arrives within `batch_wait_ms`, up to `max_model_batch`
 inputs, and runs them as one model call (dynamic micro-batching): classification inputs are
 concatenated, generation requests with equal settings share one `generate` call, and a streamed
-answer runs alone. Jobs with other settings wait for the next round, in order.
+answer runs alone. Jobs with other settings wait for the next round, in order. A streamed
+answer whose client disconnects stops at its next token (the streamer raises `StreamCancelled`
+inside `generate`), or never starts if it was still waiting; `streams_stopped` counts them.
 
 A job carries an asyncio future of the event loop that submitted it; the thread resolves it
 through `loop.call_soon_threadsafe`, so a waiting request holds a future, not a thread. The app
@@ -48,6 +50,16 @@ class ServedRun(Protocol):
         options: Any = None,
         stop: tuple[str, ...] = (),
     ) -> list[str]: ...
+
+
+class StreamCancelled(Exception):
+    """The client of a streamed answer went away: its generation stops at the next token."""
+
+
+def stream_cancelled(streamer: Any) -> bool:
+    """Whether the reader of `streamer` (a `CancellableStreamer`) has gone away."""
+    cancelled = getattr(streamer, "cancelled", None)
+    return isinstance(cancelled, threading.Event) and cancelled.is_set()
 
 
 class WorkerStopped(RuntimeError):
@@ -116,6 +128,7 @@ class Worker:
         self.run, self.limits, self.join_timeout_s = run, limits, join_timeout_s
         self.jobs: queue.Queue[Job | None] = queue.Queue()  # None: stop
         self.requests = self.model_calls = 0
+        self.streams_stopped = 0  # streamed answers whose client left before the end: generation stopped
         self.thread: threading.Thread | None = None
         self._accepting = False
         self._lock = threading.Lock()  # orders submit() against the drain at stop
@@ -207,10 +220,20 @@ class Worker:
         return batch, stopping
 
     def _run(self, batch: list[Job]) -> None:
+        if batch[0].kind == "stream" and stream_cancelled(
+            batch[0].streamer
+        ):  # its client left while it waited
+            self.streams_stopped += 1
+            batch[0].resolve([])  # nobody reads it: an exception here would be logged as never retrieved
+            return
         self.model_calls += 1
         inputs = [text for job in batch for text in job.inputs]
         try:
             results = self._call(batch[0], inputs)
+        except StreamCancelled:  # the streamer stopped `generate` for a client that left
+            self.streams_stopped += 1
+            batch[0].resolve([])  # nobody reads it: an exception here would be logged as never retrieved
+            return
         except BaseException as e:  # noqa: BLE001 - handed to the waiting requests
             error = e if isinstance(e, Exception) else RuntimeError(f"the model call failed: {e!r}")
             for job in batch:

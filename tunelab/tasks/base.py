@@ -106,6 +106,7 @@ class TaskBase:
     generative = False  # generates text (causal-lm, seq2seq): scored on generations too
     fresh_inputs = False  # `collate` draws new inputs at every call (masking): nothing may cache them
     scores_baseline = False  # eval.json also holds the un-tuned model's metrics ("baseline")
+    column_flags = False  # a missing column names the flag of `eval` / `predict` (--text-column) to give
 
     @property
     def pad_multiple(self) -> int:

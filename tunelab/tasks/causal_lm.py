@@ -29,7 +29,7 @@ import torch
 
 from tunelab.config import Config, max_length
 from tunelab.console import say
-from tunelab.data import FORMATS, Table, is_missing, read_table
+from tunelab.data import FORMATS, Table, is_missing, read_table, shown_list
 from tunelab.errors import ConfigError, DataError
 from tunelab.methods import METHODS
 from tunelab.tasks.base import Splits, split_and_encode
@@ -66,7 +66,7 @@ def detect_layout(table: Table, text_column: str) -> Layout:
     if text_column in columns:
         return "text"
     raise DataError(
-        f"{table.path}: cannot tell the layout from the columns ({', '.join(table.columns)}); causal-lm reads "
+        f"{table.path}: cannot tell the layout from the columns ({shown_list(table.columns)}); causal-lm reads "
         f"'messages' (chat), 'conversations' (ShareGPT), 'instruction'/'input'/'output' (Alpaca), "
         f"'prompt'/'completion', or plain text (a .txt file or a '{text_column}' column); or set data.format"
     )

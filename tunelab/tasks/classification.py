@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from tunelab.augment import augment_table
 from tunelab.config import Config, max_length
-from tunelab.data import Table, is_missing, read_table, require_columns, shots
+from tunelab.data import Table, is_missing, read_table, require_columns, shots, shown, shown_list
 from tunelab.errors import DataError
 from tunelab.metrics import classification_metrics, multilabel_metrics
 from tunelab.tasks.base import Splits, TaskBase, collate_tokens, encode_splits, encode_texts, split_tables
@@ -41,6 +41,20 @@ def sort_labels(names: set[str]) -> list[str]:
     return sorted(names)
 
 
+# cells that spreadsheets and pandas write for "no value": never a class unless data.labels names them
+MISSING_MARKERS = {"nan", "na", "n/a", "null", "none", "nil", "#n/a"}
+
+
+def looks_numeric(names: list[str]) -> bool:
+    """Labels that are all numbers, some with a fraction or too many to be classes: a
+    regression target read as classes."""
+    try:
+        values = [float(n) for n in names]
+    except ValueError:
+        return False
+    return len(values) > 10 and (any(not v.is_integer() for v in values) or len(values) > 50)
+
+
 def _flag(value: Any) -> bool | None:
     """A 0/1 cell of a multi-label column: True, False, or None when it is neither."""
     text = label_name(value).lower()
@@ -59,6 +73,9 @@ class ClassificationTask(TaskBase):
         self.labels = labels or config.data.labels
         self.multi_label = config.classification.multi_label or bool(config.data.label_columns)
         self.default_metric = "f1_micro" if self.multi_label else "accuracy"
+        # where the label set came from, for the message on a label outside it: "run" (a
+        # finished run's labels), "data.labels" or "train" (fixed by `load_tables`)
+        self.labels_from = "run"
 
     # ----------------------------------------------------------------- data
     def _column_keys(self) -> dict[str, str]:
@@ -78,7 +95,8 @@ class ClassificationTask(TaskBase):
         """Read and check a file: columns exist, texts non-empty, labels present."""
         table = read_table(path, self.config.data.format)
         keys = self._column_keys()
-        require_columns(table, [c for c in keys if need_labels or c in self._text_columns()], keys)
+        require_columns(table, [c for c in keys if need_labels or c in self._text_columns()], keys,
+                        self.column_flags)  # fmt: skip
         for i, row in enumerate(table.rows):
             for column in self._text_columns():
                 if is_missing(row.get(column)):
@@ -101,6 +119,16 @@ class ClassificationTask(TaskBase):
                 )
             return [c for c, f in flags.items() if f]
         value = row.get(d.label_column)
+        if (
+            isinstance(value, str)
+            and value.strip().lower() in MISSING_MARKERS
+            and value.strip() not in (self.labels or [])
+        ):
+            raise DataError(
+                f"{table.where(i)}: column '{d.label_column}' holds {value.strip()!r}, a missing value, not a "
+                f"label; {'leave the cell empty for no labels' if self.multi_label else 'fill it in'} or remove "
+                f"the row (if '{value.strip()}' is a real class, list it in data.labels)"
+            )
         if not self.multi_label:
             if is_missing(value):
                 raise DataError(
@@ -127,10 +155,7 @@ class ClassificationTask(TaskBase):
         for i, names in enumerate(self._all_labels(table)):
             for name in names:
                 if name not in index:
-                    raise DataError(
-                        f"{table.where(i)}: label '{name}' never appears in the training data "
-                        f"(known labels: {', '.join(self.labels)}); fix the label or add training examples"
-                    )
+                    raise DataError(f"{table.where(i)}: label '{shown(name)}' {self._outside()}")
             if self.multi_label:
                 vector = [0.0] * len(self.labels)
                 for name in names:
@@ -140,21 +165,39 @@ class ClassificationTask(TaskBase):
                 out.append(index[names[0]])
         return out
 
+    def _outside(self) -> str:
+        """Why a label is not known, and the fix, by where the label set came from."""
+        known = shown_list(self.labels or [])
+        if self.labels_from == "data.labels":
+            return (f"is not in data.labels ({known}); add it to data.labels or fix the label "
+                    f"in the file")  # fmt: skip
+        if self.labels_from == "train":
+            return (f"never appears in the training data (known labels: {known}); fix the label "
+                    f"or add training examples")  # fmt: skip
+        return f"is not one of the labels this run was trained on ({known}); fix the label in the file"
+
     def load_tables(self) -> tuple[Table, Table, Table | None]:
         """Read train/validation/test per the config and fix the label set; the rows that
         training uses (the no-training baselines of `compare` read them too)."""
         d, seed = self.config.data, self.config.seed
         if not d.train:
             raise DataError("no training data: set data.train=<file> (CSV, TSV, JSON, JSONL or Parquet)")
+        self.labels_from = "train" if self.labels is None else "data.labels"
         train = self.read(d.train)
         train_labels = self._all_labels(train)
         if self.labels is None:
             self.labels = list(d.label_columns) if d.label_columns else sort_labels(
                 {name for names in train_labels for name in names})  # fmt: skip
+            if self.name == "classification" and not d.label_columns and looks_numeric(self.labels):
+                raise DataError(
+                    f"{train.path}: column '{d.label_column}' has {len(self.labels)} distinct numbers "
+                    f"({shown_list(self.labels[:3])}, ...): for a numeric target set task=regression "
+                    f"(to keep them as classes, list them in data.labels)"
+                )
         if len(self.labels) < 2 and not self.multi_label and self.name == "classification":
             raise DataError(
                 f"{train.path}: column '{d.label_column}' has only one label "
-                f"({self.labels[0]}); classification needs at least two"
+                f"({shown(self.labels[0])}); classification needs at least two"
             )
 
         def few_shot(table: Table) -> Table:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.config import Config, max_length
-from tunelab.data import Table, is_missing, read_table, require_columns
+from tunelab.data import Table, is_missing, not_utf8, read_table, require_columns
 from tunelab.device import autocast, to_device
 from tunelab.errors import ConfigError, DataError
 from tunelab.metrics import squad_f1, squad_metrics
@@ -47,6 +47,10 @@ def _load_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})") from None
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply to read; flatten the rows") from None
 
 
 def read_squad(path: Path, data: dict[str, Any]) -> Table:

@@ -19,38 +19,46 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.config import Config, max_length
-from tunelab.data import Table, read_table, require_columns
+from tunelab.data import Table, not_utf8, read_table, require_columns
 from tunelab.errors import DataError
 from tunelab.metrics import entity_metrics, get_entities
 from tunelab.tasks.base import Splits, TaskBase, collate_tokens, split_and_encode
 
 CONLL_SUFFIXES = {".conll", ".txt", ".bio", ".iob", ".conllu"}
 WORD = re.compile(r"\w+(?:['’-]\w+)*|[^\w\s]")
+TAG = re.compile(r"O|[BIESLU][-_]\S+")  # BIO / IOB2 / BIOES (and BILOU, read as BIOES)
 
 
 def read_conll(path: Path) -> Table:
     """Sentences of a CoNLL file as rows {"tokens": [...], "tags": [...]}."""
     if not path.exists():
         raise DataError(f"data file not found: {path} (check the path)")
+    if path.is_dir():
+        raise DataError(f"{path} is a folder; give the data file inside it")
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            lines_of_file = list(f)
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
     rows, lines, start = [], [], 0
     tokens: list[str] = []
     tags: list[str] = []
-    with open(path, encoding="utf-8-sig") as f:
-        for n, line in enumerate(f, 1):
-            fields = line.split()
-            if not fields or fields[0] == "-DOCSTART-":
-                if tokens:
-                    rows.append({"tokens": tokens, "tags": tags})
-                    lines.append(f"line {start}")
-                tokens, tags = [], []
-                continue
-            if len(fields) < 2:
-                raise DataError(f"{path}:{n}: expected 'word tag' (tag last, space-separated), "
+    for n, line in enumerate(lines_of_file, 1):
+        fields = line.split()
+        if not fields or fields[0] == "-DOCSTART-":
+            if tokens:
+                rows.append({"tokens": tokens, "tags": tags})
+                lines.append(f"line {start}")
+            tokens, tags = [], []
+            continue
+        if len(fields) < 2:
+            raise DataError(f"{path}:{n}: expected 'word tag' (tag last, space-separated), "
                                 f"found {line.strip()!r}")  # fmt: skip
-            if not tokens:
-                start = n
-            tokens.append(fields[0])
-            tags.append(fields[-1])
+        if not tokens:
+            start = n
+        check_tag(fields[-1], f"{path}:{n}")
+        tokens.append(fields[0])
+        tags.append(fields[-1])
     if tokens:
         rows.append({"tokens": tokens, "tags": tags})
         lines.append(f"line {start}")
@@ -59,6 +67,16 @@ def read_conll(path: Path) -> Table:
             f"{path}: no sentences found; expected one 'word tag' per line, blank line between sentences"
         )
     return Table(path, rows, lines, ["tokens", "tags"])
+
+
+def check_tag(tag: str, where: str) -> None:
+    """Refuse a tag outside the BIO / IOB2 / BIOES scheme: it would become a label of its own
+    and no entity would ever be read from it."""
+    if not TAG.fullmatch(tag):
+        raise DataError(
+            f"{where}: tag {tag!r} is not BIO/IOB2/BIOES; write O, or B-, I-, E-, S- and the entity type "
+            f"(e.g. B-PER, I-PER)"
+        )
 
 
 def split_words(text: str) -> list[tuple[str, int, int]]:
@@ -97,6 +115,9 @@ class TokenClassificationTask(TaskBase):
                 got = len(tags) if isinstance(tags, list) else repr(tags)
                 raise DataError(f"{table.where(i)}: '{d_tags}' must be a list with one tag per word "
                                 f"({len(tokens)} words, got {got})")  # fmt: skip
+            if tags is not None:
+                for j, tag in enumerate(tags):
+                    check_tag(str(tag), f"{table.where(i)}, word {j + 1}")
             rows.append({"tokens": tokens, "tags": [str(t) for t in tags] if tags is not None else None})
         return Table(table.path, rows, table.lines, ["tokens", "tags"])
 
