@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from tunelab.errors import Interrupted, TunelabError
-from tunelab.outputs import check_output_file
+from tunelab.outputs import check_new_file, write_new
 from tunelab.serve.limits import Limits
 from tunelab.serve.limits import flag as limit_flag
 
@@ -88,7 +88,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tunelab.run import load
 
     if args.output:
-        check_output_file(Path(args.output), "--output")  # before evaluating, not after
+        check_new_file(Path(args.output), "--output")  # before evaluating, not after
     run = load(args.run)
     column_flags(run, args)
     if args.samples is not None:
@@ -99,7 +99,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.data:
         metrics = run.evaluate(args.data, baseline=False if args.no_baseline else None)
         out = Path(args.output) if args.output else run.path / f"eval-{Path(args.data).stem}.json"
-        out.write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+        text = json.dumps(metrics, indent=2, ensure_ascii=False) + "\n"
+        write_new(out, lambda tmp: tmp.write_text(text))
         base = metrics.get("baseline")
         print(format_versus(metrics, base) if base else format_metrics(metrics))
         print(f"\nwritten to {out}", file=sys.stderr)
@@ -145,7 +146,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if question and (args.question is None or args.context is None):
         raise TunelabError("question answering needs both --question and --context")
     if args.output:
-        check_output_file(Path(args.output), "--output")  # before predicting, not after
+        check_new_file(Path(args.output), "--output")  # before predicting, not after
     run = load(args.run)
     column_flags(run, args)
     generation_options(run, args)
@@ -164,7 +165,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
               f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}", file=sys.stderr)  # fmt: skip
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
     if args.output:
-        Path(args.output).write_text(lines)
+        write_new(Path(args.output), lambda tmp: tmp.write_text(lines))
         print(f"tunelab: {len(results)} predictions written to {args.output}", file=sys.stderr)
     else:
         sys.stdout.write(lines)
@@ -378,9 +379,14 @@ def cmd_augment(args: argparse.Namespace) -> int:
 
     from tunelab.augment import augment_table
     from tunelab.config import load_config
-    from tunelab.data import write_rows
+    from tunelab.data import detect_format, write_rows
     from tunelab.tasks import TASKS
 
+    output = Path(args.output)
+    fmt = detect_format(output)
+    if fmt not in ("csv", "tsv", "json", "jsonl"):
+        raise TunelabError(f"--output {output}: write augmented data as .csv, .tsv, .json or .jsonl")
+    check_new_file(output, "--output")  # before any work
     config_path, overrides = None, list(args.overrides)
     if overrides and "=" not in overrides[0]:
         config_path = overrides.pop(0)
@@ -391,7 +397,7 @@ def cmd_augment(args: argparse.Namespace) -> int:
         raise TunelabError("set data.train=<file>: the training file to augment")
     table = TASKS[config.task](config).read(config.data.train)
     augmented = augment_table(table, config)
-    write_rows(args.output, augmented.rows, augmented.columns)
+    write_new(output, lambda tmp: write_rows(tmp, augmented.rows, augmented.columns, fmt))
     print(f"tunelab: {len(table)} rows + {len(augmented) - len(table)} augmented written to {args.output}",
           file=sys.stderr)  # fmt: skip
     return 0

@@ -374,10 +374,11 @@ def shots(table: Table, keys: list[Any], per_key: int, seed: int) -> Table:
     return table.subset(chosen)
 
 
-def write_rows(path: str | Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
-    """Write rows as CSV, TSV, JSON or JSONL, picked by the extension (for inspection files)."""
+def write_rows(path: str | Path, rows: list[dict[str, Any]], columns: list[str], fmt: str = "auto") -> None:
+    """Write rows as CSV, TSV, JSON or JSONL, picked by the extension unless `fmt` says (for
+    inspection files)."""
     path = Path(path)
-    fmt = detect_format(path)
+    fmt = detect_format(path, fmt)
     if fmt in ("csv", "tsv"):
         with open(path, "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=columns, delimiter="\t" if fmt == "tsv" else ",",

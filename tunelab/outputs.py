@@ -21,6 +21,7 @@ import errno
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from tunelab.errors import TunelabError
@@ -176,6 +177,31 @@ def check_output_file(path: Path, flag: str) -> None:
         raise TunelabError(f"{flag}: the folder {path.parent} does not exist; create it first "
                            f"(mkdir -p {path.parent}) or choose another path")  # fmt: skip
     check_writable(path.parent, flag)
+
+
+def check_new_file(path: Path, flag: str) -> None:
+    """`check_output_file`, and `path` must not exist yet: tunelab never replaces a file it cannot
+    tell it wrote.
+
+    Raises:
+        TunelabError: naming the flag, the path and the fix.
+    """
+    if path.is_file() or path.is_symlink():
+        raise TunelabError(f"{flag}: {path} already exists; choose another name or remove it first "
+                           f"(tunelab does not replace a file it did not write)")  # fmt: skip
+    check_output_file(path, flag)
+
+
+def write_new(path: Path, write: Callable[[Path], object]) -> None:
+    """Have `write` fill a temporary file beside `path`, then rename it to `path`: a reader never
+    sees half a file, and a failed write leaves nothing behind."""
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def is_disk_full(error: BaseException) -> bool:

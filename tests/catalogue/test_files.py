@@ -180,6 +180,32 @@ CASES = [
         setup=with_run(),
     ),
     Case(
+        "predict-output-exists",
+        ["predict", "run", "--file", "t.csv", "--output", "mine.jsonl"],
+        "mine.jsonl already exists",
+        files={"t.csv": TEXTS, "mine.jsonl": "my own notes\n"},
+        setup=with_run(),
+    ),
+    Case(
+        "eval-output-exists",
+        ["eval", "run", "--data", "t.csv", "--output", "mine.json"],
+        "mine.json already exists",
+        files={"t.csv": TEXTS, "mine.json": "{}\n"},
+        setup=with_run(),
+    ),
+    Case(
+        "augment-output-exists",
+        ["augment", "model=x", "data.train=t.csv", "--output", "t.csv"],
+        "t.csv already exists",
+        files={"t.csv": TEXTS},
+    ),
+    Case(
+        "augment-output-format",
+        ["augment", "model=x", "data.train=t.csv", "--output", "aug.parquet"],
+        "write augmented data as .csv",
+        files={"t.csv": TEXTS},
+    ),
+    Case(
         "predict-on-unfinished-run",
         ["predict", "run", "good film"],
         "unfinished attempt",
