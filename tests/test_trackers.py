@@ -79,6 +79,27 @@ def test_tensorboard_and_mlflow_hold_what_metrics_jsonl_holds(
     assert json.loads(open(copy).read()) == report
 
 
+def test_a_run_that_fails_is_marked_failed_in_mlflow(tiny_bert, sentiment_files, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    import tunelab.run
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+
+    def broken_fit(*args, **kwargs):
+        raise RuntimeError("the loop broke")
+
+    monkeypatch.setattr(tunelab.run, "fit", broken_fit)
+    out = tmp_path / "runs" / "broken"
+    with pytest.raises(RuntimeError, match="the loop broke"):
+        train(model=str(tiny_bert), method="full", overrides=[
+            f"data.train={sentiment_files['train']}", "data.max_train_samples=64", "train.progress_bar=false",
+            "train.report_to=[mlflow]", f"output_dir={out}"])  # fmt: skip
+    state = json.loads((tmp_path / "runs" / ".broken.partial" / "trackers.json").read_text())
+    run = MlflowClient(tracking_uri=state["tracking_uri"]).get_run(state["mlflow_run_id"])
+    assert run.info.status == "FAILED"
+
+
 TRACKIO_SCRIPT = """
 import json, sys
 from tunelab.run import train

@@ -491,6 +491,9 @@ def train_in_process(config: Config, resume: bool, overwrite: bool) -> Run:
         trackers.finish(tmp, None, "KILLED")
         shutdown(dist)
         raise Interrupted(f"{e}; resume with: tunelab train --resume {out}") from None
+    except BaseException:
+        trackers.finish(tmp, None, "FAILED")  # an MLflow run is not left RUNNING by a crash
+        raise
     if dist.active and config.train.distributed == "fsdp":
         whole, _ = full_state(model)  # every process takes part in the gather
         if dist.is_main:
