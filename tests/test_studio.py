@@ -1,11 +1,15 @@
 """`tunelab studio` without a browser (FastAPI's TestClient): the runs index read from run folders,
 path traversal refused, the token for non-loopback clients, the CSRF token on POSTs, the new-run
-form's field errors, and Start launching `tunelab train` into the runs folder."""
+form's field errors, and Start launching `tunelab train` into the runs folder; compare, eval on a
+file and serve launched with the right argv (a real `tunelab eval` on a tiny run), their outputs
+shown, servers stopped with the studio, and reviews listed with their reports and rated under
+/review/<name>/."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -330,3 +334,204 @@ def test_a_run_that_stops_before_writing_its_folder_shows_failed_with_its_output
     assert body["info"]["status"] == "failed"
     (job,) = body["jobs"]
     assert job["returncode"] == 2 and "train.csv has no column text" in job["log"]
+
+
+# ------------------------------------------------- compare, eval on a file, serve, reviews
+
+
+def recording(app) -> list[tuple[str, str, list[str]]]:
+    """Replace the app's process launcher with one that records what it would start."""
+    started: list[tuple[str, str, list[str]]] = []
+
+    def start(kind, run, args, extra=None):
+        started.append((kind, run, args))
+        return type("Job", (), {"run": run, "process": type("P", (), {"pid": 1})()})()
+
+    app.studio.jobs.start = start
+    return started
+
+
+def test_compare_starts_tunelab_compare_from_a_picked_config_or_the_forms_values(folders, tmp_path):
+    runs, data = folders
+    (data / "exp.yaml").write_text(yaml.safe_dump({"data": {"train": "train.csv"}}))
+    (tmp_path / "tiny-bert").mkdir()
+    app = create_app(runs, data)
+    started = recording(app)
+    client = TestClient(app, base_url="http://127.0.0.1", client=LOCAL)
+    body = {"config": "exp.yaml", "methods": ["none", "lora"], "name": "cmp"}
+    assert client.post("/api/compare", json=body).status_code == 403  # no CSRF token
+    headers = csrf_headers(client)
+    reply = client.post("/api/compare", json=body, headers=headers)
+    assert reply.status_code == 200 and reply.json()["name"] == "cmp", reply.text
+    assert started[-1] == ("compare", "cmp", ["compare", str(data / "exp.yaml"), "train.progress_bar=false",
+                                               "--methods", "none,lora", "--out", str(runs / "cmp")])  # fmt: skip
+    values = {"data.train": "train.csv", "model": str(tmp_path / "tiny-bert"), "train.epochs": "1"}
+    reply = client.post("/api/compare", json={"values": values, "methods": ["full"]}, headers=headers)
+    assert reply.status_code == 200, reply.text
+    kind, run, args = started[-1]
+    assert kind == "compare" and run.startswith("compare-tiny-bert-") and args[0] == "compare"
+    assert f"data.train={data / 'train.csv'}" in args and "train.epochs=1" in args
+    assert args[-4:] == ["--methods", "full", "--out", str(runs / run)]
+    refused_ = [
+        ({"config": "../outside.yaml", "methods": ["lora"]}, 403),
+        ({"config": "%2E%2E/%2E%2E/etc/passwd", "methods": ["lora"]}, 403),
+        ({"config": "train.csv", "methods": ["lora"]}, 400),  # not a YAML config
+        ({"config": "exp.yaml", "methods": ["lora", "rm -rf"]}, 400),
+        ({"config": "exp.yaml", "methods": []}, 400),
+        ({"config": "exp.yaml", "methods": ["lora"], "name": "../escape"}, 400),
+        ({"config": "exp.yaml", "methods": ["lora"], "name": "done"}, 400),  # exists
+        ({"values": {"data.train": "../x.csv"}, "methods": ["lora"]}, 400),
+    ]
+    for body, status in refused_:
+        assert client.post("/api/compare", json=body, headers=headers).status_code == status, body
+    assert len(started) == 2
+
+
+def test_a_compare_jobs_page_shows_its_output_then_its_report_in_place(folders):
+    runs, data = folders
+    (data / "exp.yaml").write_text("task: classification\n")
+    app = create_app(runs, data)
+    # in place of `python -m tunelab`: a compare that prints a line and writes its report into --out
+    app.studio.jobs.command = [sys.executable, "-c", "import sys, pathlib; "
+                               "out = pathlib.Path(sys.argv[sys.argv.index('--out') + 1]); "
+                               "print('tunelab: compare training lora', flush=True); out.mkdir(); "
+                               "(out / 'report.html').write_text('<h1>tunelab compare: exp</h1>')"]  # fmt: skip
+    client = TestClient(app, base_url="http://127.0.0.1", client=LOCAL)
+    reply = client.post("/api/compare", json={"config": "exp.yaml", "methods": ["lora"], "name": "cmp"},
+                        headers=csrf_headers(client))  # fmt: skip
+    assert reply.status_code == 200, reply.text
+    app.studio.jobs.get("cmp", "compare").process.wait(30)
+    job = client.get("/api/job", params={"run": "cmp", "kind": "compare"}).json()
+    assert job["returncode"] == 0 and "tunelab: compare training lora" in job["log"]
+    assert job["report"] == "cmp/report.html"
+    assert "tunelab compare: exp" in client.get("/files/runs/" + job["report"]).text
+    assert client.get("/job", params={"run": "cmp", "kind": "compare"}).status_code == 200
+    assert client.get("/api/job", params={"run": "done", "kind": "compare"}).status_code == 404
+    assert client.get("/api/job", params={"run": "../..", "kind": "compare"}).status_code == 403
+
+
+def test_eval_on_a_file_runs_tunelab_eval_and_shows_its_metrics(tmp_path, tmp_path_factory, tiny_bert,
+                                                                sentiment_files):  # fmt: skip
+    from .test_serve import trained_classifier
+
+    runs, data = tmp_path / "runs", tmp_path / "data"
+    data.mkdir()
+    shutil.copy(sentiment_files["test"], data / "heldout.csv")
+    shutil.copytree(trained_classifier(tmp_path_factory, tiny_bert, sentiment_files), runs / "clf")
+    app = create_app(runs, data, cwd=tmp_path)
+    client = TestClient(app, base_url="http://127.0.0.1", client=LOCAL)
+    headers = csrf_headers(client)
+    assert client.post("/api/eval", json={"name": "clf", "file": "heldout.csv"}).status_code == 403  # no CSRF
+    for body, status in [({"name": "clf", "file": "../runs/clf/config.yaml"}, 403),
+                         ({"name": "clf", "file": "/etc/passwd"}, 403),
+                         ({"name": "../clf", "file": "heldout.csv"}, 403),
+                         ({"name": "clf", "file": "missing.csv"}, 404)]:  # fmt: skip
+        assert client.post("/api/eval", json=body, headers=headers).status_code == status, body
+    reply = client.post("/api/eval", json={"name": "clf", "file": "heldout.csv"}, headers=headers)
+    assert reply.status_code == 200 and reply.json()["output"] == "clf/eval-heldout.json", reply.text
+    job = app.studio.jobs.get("clf", "eval")
+    assert job.argv[-4:] == ["eval", str(runs / "clf"), "--data", str(data / "heldout.csv")]
+    assert job.process.wait(120) == 0, job.log.read_text()
+    (shown,) = [
+        j for j in client.get("/api/run", params={"name": "clf"}).json()["jobs"] if j["kind"] == "eval"
+    ]
+    written = json.loads((runs / "clf" / "eval-heldout.json").read_text())
+    assert shown["metrics"] == written and 0.0 <= written["accuracy"] <= 1.0
+    assert shown["file"] == "heldout.csv" and "accuracy" in shown["log"]
+
+
+def test_serve_starts_on_a_free_loopback_port_and_stops_with_its_button_or_the_studio(folders):
+    runs, data = folders
+    app = create_app(runs, data)
+    app.studio.jobs.command = [
+        sys.executable,
+        "-c",
+        "import time; time.sleep(60)",
+    ]  # in place of tunelab serve
+    with TestClient(app, base_url="http://127.0.0.1", client=LOCAL) as client:  # with: the studio's lifespan
+        headers = csrf_headers(client)
+        assert client.post("/api/serve", json={"name": "done"}).status_code == 403  # no CSRF
+        assert client.post("/api/serve", json={"name": "training"}, headers=headers).status_code == 409
+        assert client.post("/api/serve", json={"name": "../done"}, headers=headers).status_code == 403
+        reply = client.post("/api/serve", json={"name": "done"}, headers=headers).json()
+        port = reply["port"]
+        first = app.studio.jobs.get("done", "serve")
+        assert first.argv[-6:] == ["serve", str(runs / "done"), "--host", "127.0.0.1", "--port", str(port)]
+        assert reply["url"] == f"http://127.0.0.1:{port}/"
+        assert (
+            client.post("/api/serve", json={"name": "done"}, headers=headers).status_code == 409
+        )  # one per run
+        shown = client.get("/api/run", params={"name": "done"}).json()["jobs"]
+        assert [(j["kind"], j["alive"], j["url"]) for j in shown] == [("serve", True, reply["url"])]
+        assert client.post("/api/serve/stop", json={"name": "done"}, headers=headers).json() == {
+            "stopped": first.process.pid}  # fmt: skip
+        assert first.process.poll() is not None
+        assert client.post("/api/serve/stop", json={"name": "done"}, headers=headers).status_code == 409
+        assert client.post("/api/serve", json={"name": "done"}, headers=headers).status_code == 200
+        second = app.studio.jobs.get("done", "serve")
+        assert second.alive
+    assert second.process.poll() is not None  # the studio stopped the server it started when it exited
+
+
+@pytest.fixture
+def reviews(tmp_path: Path) -> Path:
+    from tunelab.review.store import Review
+
+    folder = tmp_path / "reviews"
+    items = [("the movie was", "great", "bad"), ("the plot was", "thin", "tight")]
+    review = Review.create(folder / "lora-vs-base", "runs/lora", "base", items)
+    review.rate(1, "ana", "a", 4, None)
+    review.rate(2, "ana", "tie", None, None)
+    (folder / "not-a-review").mkdir()
+    return folder
+
+
+def test_reviews_are_listed_with_their_report_and_rated_under_the_studio(folders, reviews):
+    runs, data = folders
+    client = TestClient(create_app(runs, data, reviews=reviews), base_url="http://127.0.0.1", client=LOCAL)
+    assert client.get("/reviews").status_code == 200
+    (shown,) = client.get("/api/reviews").json()["reviews"]
+    assert shown["name"] == "lora-vs-base" and (shown["a"], shown["b"], shown["ratings"]) == (
+        "runs/lora",
+        "base",
+        2,
+    )
+    assert shown["win_rate_a"] == 0.75 and len(shown["ci95"]) == 2 and len(shown["per_prompt"]) == 2
+    moved = client.get("/review/lora-vs-base", follow_redirects=False)
+    assert moved.status_code == 307 and moved.headers["location"] == "/review/lora-vs-base/"
+    page = client.get("/review/lora-vs-base/").text
+    assert 'fetch("api/next' in page and 'fetch("api/rate' in page and 'fetch("/api' not in page
+    item = client.get("/review/lora-vs-base/api/next", params={"reviewer": "bo"}).json()["item"]
+    rating = {"item": item["id"], "reviewer": "bo", "pick": "tie"}
+    assert client.post("/review/lora-vs-base/api/rate", json=rating).status_code == 403  # no CSRF
+    rated = client.post("/review/lora-vs-base/api/rate", json=rating, headers=csrf_headers(client))
+    assert rated.status_code == 200 and rated.json()["done"] == 1
+    assert client.get("/api/reviews").json()["reviews"][0]["ratings"] == 3
+    for url in ["/review/not-a-review/", "/review/missing/", "/review/..%2F..%2Fetc/", "/review/%2Fetc/",
+                "/review/lora-vs-base%2F..%2F..%2Fruns/"]:  # fmt: skip
+        reply = client.get(url)
+        assert reply.status_code in (403, 404) and "prompt" not in reply.text, url
+
+
+def test_no_reviews_folder_lists_none(folders, tmp_path):
+    runs, data = folders
+    client = client_for(runs, data)
+    app = create_app(runs, data, reviews=tmp_path / "absent")
+    assert (
+        TestClient(app, base_url="http://127.0.0.1", client=LOCAL).get("/api/reviews").json()["reviews"] == []
+    )
+    assert not (tmp_path / "absent").exists() and client.get("/reviews").status_code == 200
+
+
+def test_the_command_takes_the_reviews_folder(folders, reviews, monkeypatch):
+    from tunelab.cli import main
+    from tunelab.studio import app as studio_app
+
+    runs, data = folders
+    served = []
+    monkeypatch.setattr(studio_app.uvicorn, "run", lambda guard, **kw: served.append(guard))
+    assert main(["studio", "--runs", str(runs), "--data", str(data), "--reviews", str(reviews)]) == 0
+    assert served[-1].studio.reviews == reviews.resolve()
+    monkeypatch.chdir(runs.parent)
+    assert main(["studio", "--runs", str(runs), "--data", str(data)]) == 0
+    assert served[-1].studio.reviews == runs.parent / "reviews"  # the default: ./reviews

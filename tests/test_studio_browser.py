@@ -1,8 +1,8 @@
 """`tunelab studio` in headless Chromium, the issue's whole walk in one test: fill the new-run form
 for a small classification run, see a field's error and fix it, start the run, watch its loss
 curve gain points while it trains (and stop it, then resume it), open the finished run and its
-confusion matrix, compare it with a second run, and chat with a tiny generative run in the
-playground.
+confusion matrix and evaluate it on a picked file, compare it with a second run, and chat with a
+tiny generative run in the playground.
 
 A screenshot per step goes to $TUNELAB_ARTIFACTS (else the test's temp folder, `screenshots/`).
 """
@@ -154,6 +154,15 @@ def test_the_studio_walk_in_headless_chromium(browser, studio_url, tiny_bert, tm
     assert sum(cells) == 32  # every validation row counted once
     assert points(browser, "chart-loss") == 700 // 5  # every logging step once, across the stop and resume
     shot("5-finished")
+    # its Evaluate on a file: the data folder's picker, then `tunelab eval` and its metrics on the page
+    browser.find_element(By.ID, "eval-file").click()
+    wait(
+        browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#eval-picker a[data-file='validation.csv']"), 10
+    )[0].click()
+    metrics = wait(
+        browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".eval-metrics"), 120, "no eval metrics"
+    )[0]
+    assert '"accuracy"' in metrics.text
 
     # 6. compare it with the second run: picked on the runs table
     browser.get(studio_url + "/")

@@ -126,10 +126,12 @@ PAGE = """<!doctype html>
 const CONFIG = __CONFIG__;
 const $ = (id) => document.getElementById(id);
 let current = null;
+// relative URLs and the studio's CSRF cookie (when any): the page also runs inside `tunelab studio`, under /review/<name>/
+const csrf = (document.cookie.match(/(?:^|; )tunelab_studio_csrf=([^;]*)/) || [])[1] || "";
 $("reviewer").value = new URLSearchParams(location.search).get("reviewer") || CONFIG.reviewer;
 
 async function next() {
-  const r = await fetch("/api/next?reviewer=" + encodeURIComponent($("reviewer").value));
+  const r = await fetch("api/next?reviewer=" + encodeURIComponent($("reviewer").value));
   if (!r.ok) { $("status").textContent = "Error: give a name (letters, digits, spaces, . @ - _)"; return; }
   const data = await r.json();
   $("progress").textContent = `${data.done} of ${data.total} done`;
@@ -145,7 +147,7 @@ async function next() {
 async function rate(pick) {
   const body = {item: current.id, reviewer: $("reviewer").value, pick: pick,
                 score: $("score").value ? Number($("score").value) : null, comment: $("comment").value || null};
-  const r = await fetch("/api/rate", {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
+  const r = await fetch("api/rate", {method: "POST", headers: {"Content-Type": "application/json", "X-CSRF-Token": csrf}, body: JSON.stringify(body)});
   if (!r.ok) { $("status").textContent = "Error: " + (await r.text()); return; }
   await next();
 }

@@ -5,14 +5,17 @@ rate / metric curves from metrics.jsonl as server-sent events, progress and ETA,
 the confusion matrix as a heat map, samples, stop / resume / export); a new-run form generated
 from the typed config, checked by `load_config` field by field, with `data check` and `estimate`
 previews, that starts an ordinary `tunelab train` process; compare (runs side by side, curves
-overlaid, and `tunelab compare` reports in place); and a playground that answers with any finished
-run through `tunelab serve`'s own endpoints.
+overlaid, `tunelab compare` started from a config or the form and watched, its reports in place);
+a finished run's `tunelab eval` on a picked file and `tunelab serve` on a loopback port; a
+playground that answers with any finished run through `tunelab serve`'s own endpoints; and the
+`tunelab review` folders with their reports and rating pages.
 
     runs.py        the runs index: each run folder's status, metrics and progress, read from its files
     security.py    the access token, the CSRF token and the folders files are read from
     jobs.py        the `tunelab` processes the studio starts and stops
     form.py        the new-run form's fields from the config dataclasses, and its check
     playground.py  finished runs served by `tunelab.serve`'s app, mounted at /play
+    reviews.py     the review folders, their reports, and `tunelab.review`'s page mounted at /review
     pages.py       the HTML layout; static/ holds studio.js, studio.css and uPlot (MIT, vendored)
     routes.py      the pages and the JSON API
     app.py         create_app (routes + the access guard) and studio (uvicorn)

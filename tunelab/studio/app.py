@@ -20,6 +20,7 @@ from fastapi.staticfiles import StaticFiles
 from tunelab.errors import TunelabError
 from tunelab.studio.jobs import Jobs
 from tunelab.studio.playground import Playground, Receive, Scope, Send, reply
+from tunelab.studio.reviews import ReviewMount
 from tunelab.studio.routes import router
 from tunelab.studio.security import (
     CSRF_COOKIE,
@@ -44,6 +45,7 @@ class Studio:
 
     runs: Path
     data: Path
+    reviews: Path
     host: str
     token: str
     jobs: Jobs
@@ -103,7 +105,7 @@ class Guard:
 
 
 def create_app(runs: str | Path = "runs", data: str | Path = ".", host: str = "127.0.0.1",
-               token: str | None = None, cwd: Path | None = None) -> Guard:  # fmt: skip
+               token: str | None = None, cwd: Path | None = None, reviews: str | Path = "reviews") -> Guard:  # fmt: skip
     """The studio over the `runs` and `data` folders, as an ASGI app (the FastAPI app, guarded).
 
     Args:
@@ -112,10 +114,11 @@ def create_app(runs: str | Path = "runs", data: str | Path = ".", host: str = "1
         host: the address it is bound to; off loopback, every request needs `token`.
         token: the access token (default: a new random one).
         cwd: where started processes run (default: the current folder).
+        reviews: the folder of `tunelab review` folders (read when it exists; never created).
     """
-    runs, data = Path(runs).resolve(), Path(data).resolve()
+    runs, data, reviews = Path(runs).resolve(), Path(data).resolve(), Path(reviews).resolve()
     runs.mkdir(parents=True, exist_ok=True)
-    studio = Studio(runs, data, host, token or new_token(), Jobs(runs, cwd), Playground(runs))
+    studio = Studio(runs, data, reviews, host, token or new_token(), Jobs(runs, cwd), Playground(runs))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -130,20 +133,20 @@ def create_app(runs: str | Path = "runs", data: str | Path = ".", host: str = "1
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.mount("/play", studio.playground, name="play")
+    app.mount("/review", ReviewMount(reviews), name="review")
     return Guard(app, studio, LOCAL_NAMES | {host})
 
 
-def studio(
-    runs: str | Path = "runs", data: str | Path = ".", host: str = "127.0.0.1", port: int = 7860
-) -> None:
-    """Run the studio until interrupted; prints its URL (with the token when it listens beyond loopback).
+def studio(runs: str | Path = "runs", data: str | Path = ".", host: str = "127.0.0.1", port: int = 7860,
+           reviews: str | Path = "reviews") -> None:  # fmt: skip
+    """Run the studio until interrupted (stopping the servers it started); prints its URL (with the token when it listens beyond loopback).
 
     Raises:
         TunelabError: the data folder does not exist.
     """
     if not Path(data).is_dir():
         raise TunelabError(f"--data {data}: no such folder; give the folder that holds your data files")
-    guard = create_app(runs, data, host)
+    guard = create_app(runs, data, host, reviews=reviews)
     where = f"http://{host}:{port}/"
     if not is_loopback(host):
         where += f"?token={guard.studio.token}"

@@ -1,16 +1,20 @@
 """The processes `tunelab studio` starts: ordinary `tunelab` commands (`train`, `train --resume`,
-`export`), each its own process (`sys.executable -m tunelab ...`), exactly what a user would type.
+`export`, `compare`, `eval`, `serve`), each its own process (`sys.executable -m tunelab ...`),
+exactly what a user would type.
 
 A training process is its own process group leader, so stopping it sends SIGTERM to it alone,
 as Ctrl-C in its terminal would: the loop saves a checkpoint and exits (tunelab.loop), and the
 run can be resumed. Each process's output goes to a log under `<runs>/.studio/logs/`, which the
-run page shows; nothing else is written beside the runs.
+run page shows; nothing else is written beside the runs. The `tunelab serve` processes it started
+are stopped when the studio exits (a server nobody can see is left running otherwise); the others
+(training, compare, eval, export) finish their work.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,12 +31,13 @@ LOG_TAIL_CHARS = 6000
 class Job:
     """A `tunelab` process the studio started."""
 
-    kind: str  # train, resume, export
-    run: str  # the run's name under the runs folder
+    kind: str  # train, resume, export, compare, eval, serve
+    run: str  # the run's name under the runs folder (a compare: its folder's)
     argv: list[str]
     log: Path
     process: subprocess.Popen[bytes]
     started: float = field(default_factory=time.time)
+    extra: dict[str, object] = field(default_factory=dict)  # what the page shows besides: a port, a file
 
     @property
     def alive(self) -> bool:
@@ -40,7 +45,7 @@ class Job:
 
     def as_dict(self) -> dict[str, object]:
         return {"kind": self.kind, "run": self.run, "pid": self.process.pid, "alive": self.alive,
-                "returncode": self.process.returncode, "started": self.started, "log": tail(self.log)}  # fmt: skip
+                "returncode": self.process.returncode, "started": self.started, "log": tail(self.log), **self.extra}  # fmt: skip
 
 
 def tail(path: Path, chars: int = LOG_TAIL_CHARS) -> str:
@@ -63,7 +68,7 @@ class Jobs:
         self.jobs: dict[tuple[str, str], Job] = {}
         self.command = [sys.executable, "-m", "tunelab"]  # what `tunelab` is, in this Python
 
-    def start(self, kind: str, run: str, args: list[str]) -> Job:
+    def start(self, kind: str, run: str, args: list[str], extra: dict[str, object] | None = None) -> Job:
         """Start `tunelab ARGS` for `run`, its output to a log; refused while one of its kind runs."""
         held = self.jobs.get((run, kind))
         if held is not None and held.alive:
@@ -76,7 +81,7 @@ class Jobs:
         with open(log, "wb") as out:
             process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                        cwd=self.cwd, env=env, start_new_session=True)  # fmt: skip
-        job = Job(kind, run, argv, log, process)
+        job = Job(kind, run, argv, log, process, extra=dict(extra or {}))
         self.jobs[(run, kind)] = job
         return job
 
@@ -114,7 +119,38 @@ class Jobs:
         os.kill(pid, signal.SIGTERM)
         return pid
 
+    def get(self, run: str, kind: str) -> Job | None:
+        return self.jobs.get((run, kind))
+
+    def end(self, run: str, kind: str, wait_s: float = 5.0) -> int:
+        """SIGTERM to the live `kind` process of `run` (a server: uvicorn shuts down on it), SIGKILL
+        after `wait_s`; returns its pid.
+
+        Raises:
+            LookupError: no such live process started here.
+        """
+        job = self.jobs.get((run, kind))
+        if job is None or not job.alive:
+            raise LookupError(f"{run}: no {kind} process of this studio is running")
+        job.process.terminate()
+        try:
+            job.process.wait(wait_s)
+        except subprocess.TimeoutExpired:
+            job.process.kill()
+            job.process.wait()
+        return job.process.pid
+
     def close(self) -> None:
-        """Reap the processes that have ended (those still training keep going without the studio)."""
-        for job in self.jobs.values():
+        """Stop the servers started here; reap the processes that have ended (those still training
+        keep going without the studio)."""
+        for (run, kind), job in list(self.jobs.items()):
+            if kind == "serve" and job.alive:
+                self.end(run, kind)
             job.process.poll()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now (the OS picks it), for a `tunelab serve` the studio starts."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])

@@ -8,7 +8,7 @@ from __future__ import annotations
 import html
 
 NAV = [("/", "Runs", "runs"), ("/new", "New run", "new"), ("/compare", "Compare", "compare"),
-       ("/play", "Playground", "play")]  # fmt: skip
+       ("/play", "Playground", "play"), ("/reviews", "Reviews", "reviews")]  # fmt: skip
 
 LAYOUT = """<!doctype html>
 <html lang="en">
@@ -30,7 +30,7 @@ LAYOUT = """<!doctype html>
 
 
 def page(name: str, title: str) -> str:
-    """The page `name` (runs, run, new, compare, play) with its title."""
+    """The page `name` (runs, run, new, compare, job, play, reviews) with its title."""
     nav = "".join(
         f'<a href="{href}"{" class=here" if key == name else ""}>{label}</a>' for href, label, key in NAV
     )

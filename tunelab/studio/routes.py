@@ -1,9 +1,11 @@
 """The pages and the JSON API of `tunelab studio`.
 
-Pages: `/` (runs), `/run?name=`, `/new`, `/compare?runs=a,b`, `/play?run=`. API: the runs index,
-a run's files and its metrics as server-sent events, stop / resume / export, the new-run form
-(fields, check, data check, estimate, start), and files under the runs and data folders. Every
-run or file name is resolved inside its folder first (`security.inside`).
+Pages: `/` (runs), `/run?name=`, `/new`, `/compare?runs=a,b`, `/job?run=&kind=`, `/play?run=`,
+`/reviews`. API: the runs index, a run's files and its metrics as server-sent events, stop /
+resume / export / eval on a file / serve, the new-run form (fields, check, data check, estimate,
+start), `tunelab compare` started and watched, the reviews with their reports, and files under
+the runs and data folders. Every run, file or review name is resolved inside its folder first
+(`security.inside`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -24,6 +27,8 @@ from tunelab.datacheck import check_config
 from tunelab.errors import TunelabError
 from tunelab.run import default_output_dir
 from tunelab.studio import form, pages
+from tunelab.studio.jobs import Job, free_port
+from tunelab.studio.reviews import review_names, summary
 from tunelab.studio.runs import (
     RunInfo,
     describe,
@@ -95,6 +100,16 @@ async def play_page() -> str:
     return pages.page("play", "Playground")
 
 
+@router.get("/job", response_class=HTMLResponse)
+async def job_page(run: str, kind: str) -> str:
+    return pages.page("job", f"tunelab {kind}: {run}")
+
+
+@router.get("/reviews", response_class=HTMLResponse)
+async def reviews_page() -> str:
+    return pages.page("reviews", "Reviews")
+
+
 # ------------------------------------------------------------------------------------------ runs
 
 
@@ -116,7 +131,7 @@ async def run_detail(studio: Studio, name: str) -> Any:
         # started here, no folder yet: still loading, or it stopped before writing one (its log says why)
         info = RunInfo(name=name, status="starting" if any(j.alive for j in jobs) else "failed")
         return {"info": info.as_dict(), "config": {}, "eval": None, "env": None, "metrics": [], "samples": [],
-                "jobs": [job.as_dict() for job in jobs]}  # fmt: skip
+                "jobs": [job_view(studio, job) for job in jobs]}  # fmt: skip
     info = describe(studio.runs, folder, studio.jobs.live_pids())
     samples = folder / "samples.jsonl"
     return {
@@ -126,7 +141,7 @@ async def run_detail(studio: Studio, name: str) -> Any:
         "env": read_json(folder / "env.json"),
         "metrics": read_metrics(folder / "metrics.jsonl"),
         "samples": read_metrics(samples)[:20] if samples.is_file() else [],
-        "jobs": [job.as_dict() for job in studio.jobs.of(name)],
+        "jobs": [job_view(studio, job) for job in studio.jobs.of(name)],
     }
 
 
@@ -332,3 +347,156 @@ async def file(studio: Studio, root: str, path: str, download: Annotated[bool, Q
     # runs as the studio (with its cookies and API)
     headers = {"Content-Security-Policy": "sandbox", "X-Content-Type-Options": "nosniff"}
     return FileResponse(target, filename=target.name if download else None, headers=headers)
+
+
+# --------------------------------------------------------------------- compare, eval, serve jobs
+
+
+def job_view(studio: Any, job: Job) -> dict[str, Any]:
+    """A started process as a page shows it; an eval that ended well with its metrics, a compare
+    with its report once written."""
+    view = job.as_dict()
+    if job.kind == "eval" and not job.alive and job.process.returncode == 0:
+        view["metrics"] = read_json(studio.runs / str(job.extra["output"]))
+    if job.kind == "compare" and (studio.runs / job.run / "report.html").is_file():
+        view["report"] = f"{job.run}/report.html"
+    return view
+
+
+@router.get("/api/job")
+async def job_detail(studio: Studio, run: str, kind: str) -> Any:
+    """A process this studio started (`/job?run=&kind=` polls it): its state, the end of its output."""
+    try:
+        inside(studio.runs, run)
+    except Refused as e:
+        return refused(e)
+    job = studio.jobs.get(run, kind)
+    if job is None:
+        return JSONResponse({"error": f"no {kind} process for {run} was started from this studio"}, 404)
+    return job_view(studio, job)
+
+
+def compare_methods() -> list[str]:
+    """What `--methods` takes: none (no training) and the methods the form offers."""
+    method = next(f for f in form.fields() if f.key == "method")
+    return ["none", *method.choices]
+
+
+@router.post("/api/compare")
+async def compare_start(
+    studio: Studio,
+    methods: Annotated[list[str], Body()],
+    config: Annotated[str, Body()] = "",
+    values: Annotated[dict[str, Any] | None, Body()] = None,
+    name: Annotated[str, Body()] = "",
+) -> Any:
+    """`tunelab compare CONFIG|KEY=VALUE... --methods ... --out <runs>/<name>`: the config a YAML file
+    picked inside the data folder, or the new-run form's values (checked as Start checks them)."""
+    allowed = compare_methods()
+    wrong = [m for m in methods if m not in allowed]
+    if not methods or wrong:
+        return JSONResponse(
+            {"errors": {"methods": f"methods: tick one or more of {', '.join(allowed)}"}}, 400
+        )
+    if config:
+        try:
+            path = inside(studio.data, config)
+        except Refused as e:
+            return refused(e)
+        if not path.is_file() or path.suffix not in (".yaml", ".yml"):
+            return JSONResponse({"errors": {"config": f"{config}: not a .yaml file in the data folder"}}, 400)
+        given, default = [str(path)], f"compare-{path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    else:
+        checked_config, given, errors = await asyncio.to_thread(checked, studio, dict(values or {}))
+        if errors:
+            return JSONResponse({"errors": errors}, 400)
+        default = "compare-" + Path(default_output_dir(checked_config)).name  # <model>-<method>-<time>
+    name = name.strip() or default
+    try:
+        out = inside(studio.runs, name)
+    except Refused as e:
+        return JSONResponse({"errors": {"name": e.message}}, 400)
+    if out.exists():
+        return JSONResponse(
+            {"errors": {"name": f"name: {name} exists in the runs folder; choose another"}}, 400
+        )
+    run = str(out.relative_to(studio.runs))
+    args = ["compare", *given, "train.progress_bar=false", "--methods", ",".join(methods), "--out", str(out)]
+    try:
+        job = studio.jobs.start("compare", run, args)
+    except RuntimeError as e:
+        return JSONResponse({"error": str(e)}, 409)
+    return {"name": run, "pid": job.process.pid}
+
+
+def finished_run(studio: Any, name: str) -> Path:
+    """A finished run's folder.
+
+    Raises:
+        Refused: a name outside the runs folder (403), or no finished run of that name (409).
+    """
+    path = inside(studio.runs, name)
+    if not (path / "eval.json").is_file():
+        raise Refused(409, f"{name} is not a finished run")
+    return path
+
+
+@router.post("/api/eval")
+async def evaluate(studio: Studio, name: Annotated[str, Body()], file: Annotated[str, Body()]) -> Any:
+    """`tunelab eval RUN --data FILE`, the file a labelled one inside the data folder; the metrics
+    land in RUN/eval-<file>.json, as the command writes them."""
+    try:
+        path = finished_run(studio, name)
+        data = inside(studio.data, file)
+    except Refused as e:
+        return refused(e)
+    if not data.is_file():
+        return JSONResponse({"error": f"{file}: no such file in the data folder"}, 404)
+    output = (path / f"eval-{data.stem}.json").relative_to(studio.runs)
+    try:
+        job = studio.jobs.start("eval", name, ["eval", str(path), "--data", str(data)],
+                                {"file": file, "output": str(output)})  # fmt: skip
+    except RuntimeError as e:
+        return JSONResponse({"error": str(e)}, 409)
+    return {"pid": job.process.pid, "output": str(output)}
+
+
+@router.post("/api/serve")
+async def serve(studio: Studio, name: Annotated[str, Body(embed=True)]) -> Any:
+    """`tunelab serve RUN --host 127.0.0.1 --port P` on a free loopback port; stopped with the studio."""
+    try:
+        path = finished_run(studio, name)
+    except Refused as e:
+        return refused(e)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        job = studio.jobs.start("serve", name, ["serve", str(path), "--host", "127.0.0.1", "--port", str(port)],
+                                {"port": port, "url": url})  # fmt: skip
+    except RuntimeError as e:
+        return JSONResponse({"error": str(e)}, 409)
+    return {"pid": job.process.pid, "port": port, "url": url}
+
+
+@router.post("/api/serve/stop")
+async def serve_stop(studio: Studio, name: Annotated[str, Body(embed=True)]) -> Any:
+    """Stop the `tunelab serve` this studio started for the run (SIGTERM; uvicorn shuts down)."""
+    try:
+        inside(studio.runs, name)
+        pid = await asyncio.to_thread(studio.jobs.end, name, "serve")
+    except Refused as e:
+        return refused(e)
+    except LookupError as e:
+        return JSONResponse({"error": str(e)}, 409)
+    return {"stopped": pid}
+
+
+# --------------------------------------------------------------------------------------- reviews
+
+
+@router.get("/api/reviews")
+async def reviews(studio: Studio) -> dict[str, Any]:
+    """The `tunelab review` folders under the reviews folder, each with its report."""
+    names = await asyncio.to_thread(review_names, studio.reviews)
+    found = [await asyncio.to_thread(summary, studio.reviews, n) for n in names]
+    return {"folder": studio.reviews.name, "reviews": found}

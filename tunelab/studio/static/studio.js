@@ -28,6 +28,25 @@ function duration(s) {
   if (s < 7200) return (s / 60).toFixed(1) + " min";
   return (s / 3600).toFixed(1) + " h";
 }
+// The data folder's picker: folders to open, files to pick (paths relative to the data folder).
+async function picker(box, onFile, folder = "") {
+  const listing = await getJSON("/api/files?folder=" + encodeURIComponent(folder));
+  box.hidden = false;
+  const up = listing.folder ? `<a data-folder="${esc(listing.folder.split("/").slice(0, -1).join("/"))}">..</a>` : "";
+  box.innerHTML = up + listing.folders.map((f) => `<a data-folder="${esc(f)}">${esc(f)}/</a>`).join("") +
+    listing.files.map((f) => `<a data-file="${esc(f)}">${esc(f)}</a>`).join("");
+  box.querySelectorAll("a").forEach((a) => a.addEventListener("click", () => {
+    if (a.dataset.file != null) { box.hidden = true; onFile(a.dataset.file); } else picker(box, onFile, a.dataset.folder);
+  }));
+}
+async function methodBoxes(el) {
+  const {fields} = await getJSON("/api/form");
+  const methods = ["none", ...fields.find((f) => f.key === "method").choices];
+  el.innerHTML = methods.map((m) => `<label><input type="checkbox" class="method" value="${esc(m)}" ${["none", "full", "lora"].includes(m) ? "checked" : ""}> ${esc(m)}</label>`).join(" ");
+}
+const tickedMethods = (el) => [...el.querySelectorAll("input.method:checked")].map((i) => i.value);
+function errorText(out) { return out.error || Object.values(out.errors || {}).join("; ") || "failed"; }
+
 function badge(status) { return `<span class="badge ${esc(status)}">${esc(status)}</span>`; }
 function runLink(name) { return `<a href="/run?name=${encodeURIComponent(name)}">${esc(name)}</a>`; }
 
@@ -175,7 +194,10 @@ async function runPage() {
       <button id="stop">Stop</button><button id="resume">Resume</button>
       <select id="export-kind"><option value="merge">merged model</option><option value="adapter">adapter only</option>
         <option value="onnx">ONNX</option><option value="gguf">GGUF</option></select><button id="export">Export</button>
-      <a id="play-link" hidden><button>Playground</button></a><span id="action" class="muted"></span></div>
+      <a id="play-link" hidden><button>Playground</button></a>
+      <button id="eval-file">Evaluate on a file</button><button id="serve">Serve</button><button id="serve-stop" hidden>Stop server</button>
+      <a id="serve-link" target="_blank" rel="noopener" hidden></a><span id="action" class="muted"></span></div>
+    <div class="picker" id="eval-picker" hidden></div><div id="eval-files"></div>
     <div class="charts"><div class="chart" id="chart-loss"></div><div class="chart" id="chart-lr"></div>
       <div class="chart" id="chart-metric"></div></div>
     <h2>Evaluation</h2><div id="eval"></div>
@@ -204,6 +226,13 @@ async function runPage() {
     ensureMetric(info.metric);
     $("config").textContent = JSON.stringify(detail.config, null, 2);
     $("eval").innerHTML = evalSection(detail.eval);
+    const evals = detail.jobs.filter((j) => j.kind === "eval");
+    $("eval-files").innerHTML = evals.map((j) => `<h3>evaluated on ${esc(j.file)}</h3>` + (j.alive ? "<p class=muted>running tunelab eval...</p>"
+      : j.metrics ? `<pre class="eval-metrics">${esc(JSON.stringify(j.metrics, null, 2))}</pre><p class=muted>written to ${esc(j.output)}</p>`
+      : `<p class="error">tunelab eval exited ${esc(j.returncode)}: see the process output below</p>`)).join("");
+    const server = detail.jobs.find((j) => j.kind === "serve" && j.alive);
+    $("serve-link").hidden = !server; $("serve-stop").hidden = !server; $("serve").hidden = !!server;
+    if (server) { $("serve-link").href = server.url; $("serve-link").textContent = server.url; }
     const jobs = detail.jobs.filter((j) => j.log);
     $("log").textContent = jobs.length ? jobs.map((j) => `$ tunelab ${j.kind} (pid ${j.pid}${j.alive ? "" : ", exit " + j.returncode})\n${j.log}`).join("\n\n") : "(only for processes started from this studio)";
     if (detail.samples.length) {
@@ -220,6 +249,7 @@ async function runPage() {
     $("stop").disabled = info.status !== "running";
     $("resume").disabled = info.status !== "interrupted";
     $("export").disabled = info.status !== "finished";
+    $("eval-file").disabled = $("serve").disabled = info.status !== "finished";
     if (info.status === "finished") { $("play-link").hidden = false; $("play-link").href = "/play?run=" + encodeURIComponent(name); }
   }
   function follow() {
@@ -243,16 +273,20 @@ async function runPage() {
     $("action").textContent = what + "...";
     const r = await post(path, body);
     const out = await r.json();
-    $("action").textContent = r.ok ? what + ": ok" + (out.out ? " -> " + out.out : "") : "error: " + (out.error || JSON.stringify(out.errors));
+    $("action").textContent = r.ok ? what + ": ok" + (out.out ? " -> " + out.out : "") : "error: " + errorText(out);
     if (r.ok && path === "/api/resume") { loss.reset(); lr.reset(); if (metric) metric.reset(); setTimeout(follow, 500); }
     setTimeout(refresh, 800);
   }
   $("stop").addEventListener("click", () => act("/api/stop", {name}, "stop (SIGTERM: checkpoint, then exit)"));
   $("resume").addEventListener("click", () => act("/api/resume", {name}, "resume"));
   $("export").addEventListener("click", () => act("/api/export", {name, kind: $("export-kind").value}, "export"));
+  $("eval-file").addEventListener("click", () => picker($("eval-picker"), (file) => act("/api/eval", {name, file}, "tunelab eval on " + file)));
+  $("serve").addEventListener("click", () => act("/api/serve", {name}, "tunelab serve"));
+  $("serve-stop").addEventListener("click", () => act("/api/serve/stop", {name}, "stop the server"));
   await refresh();
   follow();
   setInterval(() => { if (detail && detail.info.status === "running") refresh(); }, 5000);
+  setInterval(() => { if (detail && detail.jobs.some((j) => j.alive && j.kind !== "train")) refresh(); }, 1500);
 }
 
 // ------------------------------------------------------------------------------------- new run
@@ -284,6 +318,8 @@ async function newPage() {
     <div class="toolbar"><button type="button" id="check">Check</button><button type="button" id="datacheck">Data check</button>
       <button type="button" id="estimate">Estimate</button><button type="submit" class="primary" id="start">Start</button>
       <span id="form-status" class="muted"></span></div>
+    <details id="compare-box"><summary>Compare methods on this config (tunelab compare)</summary>
+      <div class="toolbar"><span id="compare-methods"></span><button type="button" id="compare-form">Compare</button></div></details>
     <p class="error" id="form-error"></p><pre id="preview" hidden></pre></form>`;
 
   function values() {
@@ -346,18 +382,17 @@ async function newPage() {
     location.href = "/run?name=" + encodeURIComponent(out.name);
   });
   document.querySelectorAll("button.browse").forEach((b) => b.addEventListener("click", () => browse(b)));
-  async function browse(button, folder = "") {
-    const box = button.nextElementSibling;
-    const listing = await getJSON("/api/files?folder=" + encodeURIComponent(folder));
-    box.hidden = false;
-    const up = listing.folder ? `<a data-folder="${esc(listing.folder.split("/").slice(0, -1).join("/"))}">..</a>` : "";
-    box.innerHTML = up + listing.folders.map((f) => `<a data-folder="${esc(f)}">${esc(f)}/</a>`).join("") +
-      listing.files.map((f) => `<a data-file="${esc(f)}">${esc(f)}</a>`).join("");
-    box.querySelectorAll("a").forEach((a) => a.addEventListener("click", () => {
-      if (a.dataset.file != null) { $("f-" + button.dataset.for).value = a.dataset.file; box.hidden = true; check(); }
-      else browse(button, a.dataset.folder);
-    }));
+  function browse(button) {
+    return picker(button.nextElementSibling, (file) => { $("f-" + button.dataset.for).value = file; check(); });
   }
+  await methodBoxes($("compare-methods"));
+  $("compare-form").addEventListener("click", async () => {
+    $("form-status").textContent = "starting tunelab compare...";
+    const r = await post("/api/compare", {values: values(), methods: tickedMethods($("compare-methods")), name: $("f-name").value});
+    const out = await r.json();
+    if (!r.ok) { showErrors(out.errors || {"": out.error}); $("form-status").textContent = "compare not started"; return; }
+    location.href = "/job?kind=compare&run=" + encodeURIComponent(out.name);
+  });
 }
 
 // ------------------------------------------------------------------------------------- compare
@@ -374,7 +409,24 @@ async function comparePage() {
   content().innerHTML = `<details ${chosen.length ? "" : "open"}><summary>pick runs</summary><form id="pick">${runs.map((r) =>
     `<label style="display:block"><input type="checkbox" name="runs" value="${esc(r.name)}" ${chosen.includes(r.name) ? "checked" : ""}>
      ${esc(r.name)} <span class="muted">${esc(r.task)} ${esc(r.method)} ${esc(r.status)}</span></label>`).join("")}
-    <button class="primary" id="show">Compare</button></form></details><div id="side"></div>`;
+    <button class="primary" id="show">Compare</button></form></details>
+    <details id="run-compare"><summary>run tunelab compare on a config file</summary>
+      <div class="toolbar"><label>config <input type="text" id="compare-config" placeholder="a .yaml file in the data folder" size="40"></label>
+      <button type="button" id="compare-browse">browse</button></div><div class="picker" id="compare-picker" hidden></div>
+      <div class="toolbar">methods <span id="compare-methods"></span></div>
+      <div class="toolbar"><input type="text" id="compare-name" placeholder="(default: compare-CONFIG-time)" size="30">
+      <button class="primary" id="compare-start">Start compare</button><span id="compare-status" class="muted"></span></div>
+      <p class="muted">Or fill the <a href="/new">new-run form</a> and use its Compare button.</p></details>
+    <div id="side"></div>`;
+  await methodBoxes($("compare-methods"));
+  $("compare-browse").addEventListener("click", () => picker($("compare-picker"), (f) => { $("compare-config").value = f; }));
+  $("compare-start").addEventListener("click", async () => {
+    $("compare-status").textContent = "starting...";
+    const r = await post("/api/compare", {config: $("compare-config").value, methods: tickedMethods($("compare-methods")), name: $("compare-name").value});
+    const out = await r.json();
+    if (!r.ok) { $("compare-status").textContent = "error: " + errorText(out); return; }
+    location.href = "/job?kind=compare&run=" + encodeURIComponent(out.name);
+  });
   $("pick").addEventListener("submit", (e) => {
     e.preventDefault();
     const names = [...document.querySelectorAll("#pick input:checked")].map((i) => i.value);
@@ -489,5 +541,51 @@ async function playPage() {
   });
 }
 
-const PAGES = {runs: runsPage, run: runPage, new: newPage, compare: comparePage, play: playPage};
+// ----------------------------------------------------------------------------------------- job
+
+// A process the studio started (a compare): its output while it runs; its report in place once written.
+async function jobPage() {
+  const run = params.get("run"), kind = params.get("kind");
+  content().innerHTML = `<div class="toolbar"><span id="job-status"></span></div><div id="job-report"></div><pre id="job-log"></pre>`;
+  let timer = null;
+  async function poll() {
+    let job;
+    try { job = await getJSON(`/api/job?run=${encodeURIComponent(run)}&kind=${encodeURIComponent(kind)}`); }
+    catch (e) { $("job-status").innerHTML = `<span class="error">${esc(e.message)}</span>`; clearInterval(timer); return; }
+    $("job-status").innerHTML = badge(job.alive ? "running" : job.returncode === 0 ? "finished" : "failed") +
+      ` <span class="muted">pid ${esc(job.pid)}${job.alive ? "" : ", exit " + esc(job.returncode)}</span>`;
+    $("job-log").textContent = job.log;
+    if (job.report && !$("report")) {
+      $("job-report").innerHTML = `<iframe class="report" id="report" src="/files/runs/${job.report.split("/").map(encodeURIComponent).join("/")}"></iframe>`;
+    }
+    if (!job.alive) clearInterval(timer);
+  }
+  await poll();
+  timer = setInterval(poll, 1000);
+}
+
+// ------------------------------------------------------------------------------------- reviews
+
+async function reviewsPage() {
+  const {folder, reviews} = await getJSON("/api/reviews");
+  if (!reviews.length) {
+    content().innerHTML = `<p class="muted">No reviews in ${esc(folder)}/ yet: <code>tunelab review A B --prompts FILE</code> makes one
+      (give the studio another folder with <code>--reviews DIR</code>).</p>`;
+    return;
+  }
+  const rate = (r) => r.win_rate_a == null ? "no decided ratings yet"
+    : `${r.win_rate_a.toFixed(3)} <span class="muted">(95% CI ${r.ci95[0].toFixed(3)}-${r.ci95[1].toFixed(3)}; a tie counts half)</span>`;
+  const kappa = (r) => r.agreement && r.agreement.mean_kappa != null ? fmt(r.agreement.mean_kappa, 2) : "";
+  content().innerHTML = reviews.map((r) => `<section class="review" data-name="${esc(r.name)}"><h2>${esc(r.name)}
+      <a href="/review/${encodeURIComponent(r.name)}/"><button class="primary">Rate</button></a></h2>` + (r.error ? `<p class="error">${esc(r.error)}</p>` :
+    `<p>A = ${esc(r.a)} vs B = ${esc(r.b)}: ${r.items} prompts, ${r.ratings} decided ratings (${r.a_wins} A, ${r.b_wins} B, ${r.ties} ties; ${r.skips} skipped)</p>
+     <table><tbody><tr><td>win rate of A</td><td class="num win-rate">${rate(r)}</td></tr>
+       <tr><td>mean Cohen's kappa</td><td class="num">${kappa(r)}</td></tr></tbody></table>
+     <details><summary>per prompt</summary><table class="wide"><thead><tr><th>item</th><th class=num>A</th><th class=num>B</th><th class=num>tie</th>
+       <th class=num>skip</th><th class=num>score</th><th>prompt</th></tr></thead><tbody>${r.per_prompt.map((p) =>
+       `<tr><td>${p.item}</td><td class=num>${p.a}</td><td class=num>${p.b}</td><td class=num>${p.tie}</td><td class=num>${p.skip}</td>
+        <td class=num>${fmt(p.mean_score, 1)}</td><td>${esc(p.prompt)}</td></tr>`).join("")}</tbody></table></details>`) + "</section>").join("");
+}
+
+const PAGES = {runs: runsPage, run: runPage, new: newPage, compare: comparePage, play: playPage, job: jobPage, reviews: reviewsPage};
 PAGES[document.body.dataset.page]().catch((e) => { content().insertAdjacentHTML("afterbegin", `<p class="error">${esc(e.message)}</p>`); });
