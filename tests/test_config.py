@@ -307,6 +307,7 @@ def test_every_leaf_field_has_a_doc():
             "prompt",
             "ia3",
             "generation",
+            "preference",
         }
         for key in keys
     )

@@ -135,6 +135,7 @@ def test_the_metric_names_the_config_accepts_are_the_ones_each_task_scores():
     )
     from tunelab.tasks.causal_lm import CausalLMTask
     from tunelab.tasks.masked_lm import MaskedLMTask
+    from tunelab.tasks.preference import PreferenceTask
     from tunelab.tasks.seq2seq import Seq2SeqTask
 
     scored = {
@@ -145,6 +146,10 @@ def test_the_metric_names_the_config_accepts_are_the_ones_each_task_scores():
         "seq2seq": Seq2SeqTask(load_config(task="seq2seq")).metrics([np.array([2.0, 4.0])], []),
         "masked-lm": MaskedLMTask(load_config(task="masked-lm")).metrics([np.array([2.0, 4.0, 1.0])], []),
         "question-answering": squad_metrics([["Paris"]], ["Paris"], version_2=True),
+        # one pair: policy chosen, rejected; reference chosen, rejected; token counts
+        "preference": PreferenceTask(load_config(task="preference")).metrics(
+            [np.array([-2.0, -3.0, -2.5, -2.5, 2.0, 2.0])], []
+        ),
     }
     assert set(scored) == set(TASK_METRICS)
     for task, names in TASK_METRICS.items():

@@ -13,6 +13,7 @@ from tunelab.tasks.base import Task
 from tunelab.tasks.causal_lm import CausalLMTask
 from tunelab.tasks.classification import ClassificationTask
 from tunelab.tasks.masked_lm import MaskedLMTask
+from tunelab.tasks.preference import PreferenceTask
 from tunelab.tasks.question_answering import QuestionAnsweringTask
 from tunelab.tasks.regression import RegressionTask
 from tunelab.tasks.seq2seq import Seq2SeqTask
@@ -26,4 +27,5 @@ TASKS: dict[str, Callable[..., Task]] = {
     "seq2seq": Seq2SeqTask,
     "masked-lm": MaskedLMTask,
     "question-answering": QuestionAnsweringTask,
+    "preference": PreferenceTask,
 }
