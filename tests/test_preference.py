@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from tunelab.cli import main
 from tunelab.compare import metric_of
@@ -345,3 +346,24 @@ def test_compare_runs_preference_configs(llama, pair_files, tmp_path, capsys):
     report = (tmp_path / "compare-run" / "report.md").read_text()
     assert "validation reward_accuracy" in report
     assert "| none | 0.5000 |" in report  # the starting model against itself: every pair a tie
+
+
+def test_compare_rows_are_methods_and_losses(llama, pair_files, tmp_path, capsys):
+    train, validation = pair_files
+    config = tmp_path / "pref.yaml"
+    config.write_text(
+        f"model: {llama}\ntask: preference\noutput_dir: {tmp_path / 'run'}\n"
+        f"data: {{train: {train}, validation: {validation}, max_length: 60}}\n"
+        "train: {precision: fp32, progress_bar: false, learning_rate: 0.005}\n"
+        "generation: {eval_samples: 0}\n"
+    )
+    assert main(["compare", str(config), "--methods", "lora", "--losses", "dpo,ipo", "--epochs", "1"]) == 0
+    folder = tmp_path / "compare-run"
+    report = (folder / "report.md").read_text()
+    assert "| lora+dpo |" in report and "| lora+ipo |" in report
+    saved = {p.name: yaml.safe_load((p / "config.yaml").read_text())["preference"]["loss"]
+             for p in folder.iterdir() if p.is_dir() and p.name.startswith("lora")}  # fmt: skip
+    assert saved == {"lora-dpo-seed42": "dpo", "lora-ipo-seed42": "ipo"}
+    capsys.readouterr()
+    assert main(["compare", str(config), "--methods", "lora", "--losses", "dpo,nope"]) == 2
+    assert "--losses: unknown nope" in capsys.readouterr().err

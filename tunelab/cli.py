@@ -357,8 +357,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if overrides and "=" not in overrides[0]:
         config = overrides.pop(0)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    losses = [loss.strip() for loss in (args.losses or "").split(",") if loss.strip()] or None
     compare(config, overrides, methods, seeds=args.seeds, epochs=args.epochs, budget=args.budget,
-            lr_sweep=args.lr_sweep, max_memory=args.max_memory, max_time=args.max_time, out=args.out,
+            lr_sweep=args.lr_sweep, max_memory=args.max_memory, max_time=args.max_time, out=args.out, losses=losses,
             say=lambda m: print(m, file=sys.stderr, flush=True))  # fmt: skip
     return 0
 
@@ -524,6 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="CONFIG|key=value", help="as for train")
     p.add_argument("--methods", default="none,full,freeze,lora,adapter,prefix,prompt,ia3",
                    help="comma-separated: none (no training) and any of the methods (default: all)")  # fmt: skip
+    p.add_argument("--losses", help="task=preference: comma-separated losses (dpo, ipo, orpo, simpo, kto); a "
+                   "row for every method with every loss")  # fmt: skip
     p.add_argument("--epochs", type=float, help="epochs for every method (default: the config's)")
     p.add_argument("--budget", help="time limit per run, e.g. 10m, 90s, 1h (training stops there, best kept)")
     p.add_argument("--seeds", type=int, default=1, help="seeds per method (mean ± std in the report)")

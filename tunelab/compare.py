@@ -29,9 +29,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
-from tunelab.config import GENERATIVE_TASKS, Config, load_config, save_config
+from tunelab.config import GENERATIVE_TASKS, Config, PreferenceConfig, load_config, save_config
 from tunelab.device import autocast, peak_rss_mb, pick_device, resolve_precision
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.methods import METHODS
@@ -107,14 +107,22 @@ def metric_of(config: Config) -> tuple[str, bool]:
 def compare(config_path: str | None, overrides: list[str], methods: list[str], seeds: int = 1,
             epochs: float | None = None, budget: str | None = None, lr_sweep: bool = False,
             max_memory: float | None = None, max_time: float | None = None, out: str | None = None,
-            say: Any = print) -> dict[str, Any]:  # fmt: skip
-    """Run every method and write the report; returns the results (also in results.json)."""
+            losses: list[str] | None = None, say: Any = print) -> dict[str, Any]:  # fmt: skip
+    """Run every method (for task=preference with `losses`, every method with every loss: a row
+    `lora+dpo` each) and write the report; returns the results (also in results.json)."""
     unknown = [m for m in methods if m not in METHOD_ORDER]
     if unknown:
         raise ConfigError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHOD_ORDER)}")
     if seeds < 1:
         raise ConfigError("--seeds must be >= 1")
     config = load_config(config_path, overrides)
+    if losses:
+        if config.task != "preference":
+            raise ConfigError(f"--losses: only for task=preference (this config's task is {config.task})")
+        known = get_args(get_type_hints(PreferenceConfig)["loss"])
+        wrong = [loss for loss in losses if loss not in known]
+        if wrong:
+            raise ConfigError(f"--losses: unknown {', '.join(wrong)}; choose from {', '.join(known)}")
     folder = compare_folder(config, config_path, out)
     folder.mkdir(parents=True, exist_ok=True)
     mark_run(folder, COMPARE_MARKER)
@@ -126,15 +134,19 @@ def compare(config_path: str | None, overrides: list[str], methods: list[str], s
         settings.append(f"train.max_minutes={minutes}")
     metric, higher = metric_of(config)
     rows = []
-    for method in sorted(methods, key=METHOD_ORDER.index):
-        row = Row(method)
+    variants = [(method, loss) for method in sorted(methods, key=METHOD_ORDER.index)
+                for loss in ([None] if method == "none" or not losses else losses)]  # fmt: skip
+    for method, loss in variants:
+        row = Row(method if loss is None else f"{method}+{loss}")
         rates = [None] if method == "none" or not lr_sweep else [f * _default_lr(method) for f in LR_SWEEP]
         trials: dict[float | None, list[dict[str, Any]]] = {}
+        extra = [] if loss is None else [f"preference.loss={loss}"]
         for lr in rates:
             for seed in range(config.seed, config.seed + seeds):
-                run = folder / (f"{method}-seed{seed}" + (f"-lr{lr:.3g}" if lr is not None else ""))
+                name = method if loss is None else f"{method}-{loss}"
+                run = folder / (f"{name}-seed{seed}" + (f"-lr{lr:.3g}" if lr is not None else ""))
                 result = _ensure_run(
-                    config_path, overrides + settings, config, method, seed, lr, run, folder, say
+                    config_path, overrides + settings + extra, config, method, seed, lr, run, folder, say
                 )
                 trials.setdefault(lr, []).append(result)
         best_lr = _best_rate(trials, metric, higher)
