@@ -213,8 +213,9 @@ def test_every_acknowledged_feedback_survives_a_sigkill(tmp_path_factory, tmp_pa
     assert pairs and all(p["chosen"].startswith("a fix") for p in pairs)
 
 
-def test_feedback_export_sft_rows_train(tmp_path, tmp_path_factory):
-    """The SFT export of a chat log is training data as it stands: `tunelab train` reads it."""
+def test_feedback_export_sft_and_preference_rows_train(tmp_path, tmp_path_factory):
+    """The SFT and preference exports of a chat log are training data as they stand: `tunelab
+    train` reads them (task=causal-lm and task=preference)."""
     from .conftest import write_tiny_llama
 
     log = tmp_path / "log"
@@ -232,6 +233,17 @@ def test_feedback_export_sft_rows_train(tmp_path, tmp_path_factory):
                  f"output_dir={out}"]) == 0  # fmt: skip
     assert (out / "eval.json").is_file()
     assert yaml.safe_load((out / "config.yaml").read_text())["data"]["format"] == "messages"
+    pairs = export(log, "preference", tmp_path / "pairs.jsonl")
+    assert len(pairs) == 16 and pairs[0] == {
+        "prompt": "the movie was",
+        "chosen": "good great",
+        "rejected": ANSWER,
+    }
+    out = tmp_path / "dpo"
+    assert main(["train", f"model={llama}", "task=preference", "method=lora", f"data.train={tmp_path / 'pairs.jsonl'}",
+                 "train.epochs=1", "train.progress_bar=false", "generation.eval_samples=0",
+                 f"output_dir={out}"]) == 0  # fmt: skip
+    assert "reward_accuracy" in json.loads((out / "eval.json").read_text())["validation"]
 
 
 def test_the_page_sends_thumbs_and_a_correction_in_headless_chromium(browser, tmp_path_factory, tmp_path):  # noqa: F811
