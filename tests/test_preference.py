@@ -333,7 +333,8 @@ def test_full_fine_tuning_compares_with_a_frozen_copy(llama, pair_files, tmp_pat
     assert again["reward_margin"] == pytest.approx(report["validation"]["reward_margin"], abs=1e-4)
 
 
-def test_compare_runs_preference_configs(llama, pair_files, tmp_path, capsys):
+def compare_config(llama, pair_files, tmp_path):
+    """A small preference config for compare, its runs under tmp_path/compare-run."""
     train, validation = pair_files
     config = tmp_path / "pref.yaml"
     config.write_text(
@@ -342,6 +343,11 @@ def test_compare_runs_preference_configs(llama, pair_files, tmp_path, capsys):
         "train: {precision: fp32, progress_bar: false, learning_rate: 0.005}\n"
         "generation: {eval_samples: 0}\n"
     )
+    return config
+
+
+def test_compare_runs_preference_configs(llama, pair_files, tmp_path, capsys):
+    config = compare_config(llama, pair_files, tmp_path)
     assert main(["compare", str(config), "--methods", "none,lora", "--epochs", "2"]) == 0
     report = (tmp_path / "compare-run" / "report.md").read_text()
     assert "validation reward_accuracy" in report
@@ -349,14 +355,7 @@ def test_compare_runs_preference_configs(llama, pair_files, tmp_path, capsys):
 
 
 def test_compare_rows_are_methods_and_losses(llama, pair_files, tmp_path, capsys):
-    train, validation = pair_files
-    config = tmp_path / "pref.yaml"
-    config.write_text(
-        f"model: {llama}\ntask: preference\noutput_dir: {tmp_path / 'run'}\n"
-        f"data: {{train: {train}, validation: {validation}, max_length: 60}}\n"
-        "train: {precision: fp32, progress_bar: false, learning_rate: 0.005}\n"
-        "generation: {eval_samples: 0}\n"
-    )
+    config = compare_config(llama, pair_files, tmp_path)
     assert main(["compare", str(config), "--methods", "lora", "--losses", "dpo,ipo", "--epochs", "1"]) == 0
     folder = tmp_path / "compare-run"
     report = (folder / "report.md").read_text()
