@@ -86,7 +86,10 @@ def test_predictions_are_close_to_a_real_epoch(estimated, measured):
               f"{row['peak_rss_mb']:.0f} MB, measured {train['peak_rss_mb']:.0f} MB")  # fmt: skip
         assert 0.33 <= row["epoch_s"] / epoch_s <= 3, (method, row["epoch_s"], epoch_s)
         assert 0.8 <= row["peak_rss_mb"] / train["peak_rss_mb"] <= 1.25, (method, row, train["peak_rss_mb"])
-        assert row["eval_s"] > 0 and row["timed_steps"] == 10
+        assert row["eval_s"] > 0 and row["timed_steps"] > 0
+        # each probe pass after the first is timed on its own; the estimate is their median
+        assert estimated["repeats"] == 3 and len(row["epoch_s_repeats"]) == 3
+        assert row["epoch_s_low"] <= row["epoch_s"] <= row["epoch_s_high"]
         assert row["memory_steps"] > 0, "the epoch's other shapes were run"
 
 
