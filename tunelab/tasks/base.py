@@ -204,6 +204,11 @@ def padded_length(longest: int, multiple: int = 1) -> int:
     return -(-longest // multiple) * multiple
 
 
+def pad_labels(examples: list[dict[str, Any]], length: int) -> torch.Tensor:
+    """Per-token label lists padded on the right to `length` with -100 (no target)."""
+    return torch.tensor([list(e["labels"]) + [-100] * (length - len(e["labels"])) for e in examples])
+
+
 def collate_tokens(examples: list[dict[str, Any]], pad_id: int, multiple: int = 1) -> dict[str, torch.Tensor]:
     """Pad token lists on the right to the longest example (rounded up to `multiple`); add the
     attention mask."""

@@ -32,7 +32,7 @@ from tunelab.config import Config, max_length
 from tunelab.data import Table, is_missing, read_table, require_columns
 from tunelab.device import autocast, to_device
 from tunelab.errors import ConfigError, DataError
-from tunelab.tasks.base import Splits, TaskBase, collate_tokens, split_tables
+from tunelab.tasks.base import Splits, TaskBase, collate_tokens, pad_labels, split_tables
 from tunelab.tasks.generative import IGNORE, only_positions
 
 EVAL_MASK_SEED = 1234  # validation and test masks come from this seed, whatever the run's seed
@@ -246,10 +246,7 @@ class MaskedLMTask(TaskBase):
         if examples[0].get("dynamic_mask"):
             return self._mask(batch, examples)
         if "labels" in examples[0]:
-            labels = torch.full(batch["input_ids"].shape, IGNORE, dtype=torch.long)
-            for i, e in enumerate(examples):
-                labels[i, : len(e["labels"])] = torch.tensor(e["labels"])
-            batch["labels"] = labels
+            batch["labels"] = pad_labels(examples, batch["input_ids"].shape[1])
         return batch
 
     @staticmethod

@@ -22,7 +22,7 @@ from tunelab.config import Config, max_length
 from tunelab.data import Table, not_utf8, read_table, require_columns
 from tunelab.errors import DataError
 from tunelab.metrics import entity_metrics, get_entities
-from tunelab.tasks.base import Splits, TaskBase, collate_tokens, split_and_encode
+from tunelab.tasks.base import Splits, TaskBase, collate_tokens, pad_labels, split_and_encode
 
 CONLL_SUFFIXES = {".conll", ".txt", ".bio", ".iob", ".conllu"}
 WORD = re.compile(r"\w+(?:['’-]\w+)*|[^\w\s]")
@@ -189,10 +189,7 @@ class TokenClassificationTask(TaskBase):
     def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
         batch = collate_tokens([{"input_ids": e["input_ids"]} for e in examples], pad_id)
         if "labels" in examples[0]:
-            labels = torch.full(batch["input_ids"].shape, -100, dtype=torch.long)
-            for i, e in enumerate(examples):
-                labels[i, : len(e["labels"])] = torch.tensor(e["labels"])
-            batch["labels"] = labels
+            batch["labels"] = pad_labels(examples, batch["input_ids"].shape[1])
         return batch
 
     @staticmethod
