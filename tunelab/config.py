@@ -681,6 +681,7 @@ def check_precision(precision: str) -> None:
 
 
 GENERATIVE_TASKS = ("causal-lm", "seq2seq", "preference")
+CAUSAL_LM_TASKS = ("causal-lm", "preference")  # a preference run is a causal LM: exported and served as one
 
 
 def max_length(config: Config) -> int:

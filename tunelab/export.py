@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from tunelab.checkpoint import crash_point
+from tunelab.config import CAUSAL_LM_TASKS
 from tunelab.errors import TunelabError
 from tunelab.generation import stop_token_ids
 from tunelab.methods import METHODS
@@ -199,7 +200,7 @@ def _generation_config(run: Any, folder: Path) -> None:
 
 def _chat_check(run: Any, folder: Path) -> dict[str, Any]:
     """For chat runs: the saved template and end-of-turn tokens are those used in training."""
-    if run.config.task not in ("causal-lm", "preference"):
+    if run.config.task not in CAUSAL_LM_TASKS:
         return {}
     from transformers import AutoTokenizer
 

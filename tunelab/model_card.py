@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from tunelab.config import batch_size, max_length, to_dict
+from tunelab.config import GENERATIVE_TASKS, batch_size, max_length, to_dict
 
 KINDS = ("merged", "adapter", "onnx", "gguf")
 # built-in model names -> (Hugging Face hub id, license of the weights)
@@ -263,7 +263,7 @@ def _intended_use(run: Any, kind: str) -> list[str]:
              f"held-out data before relying on it.", "",
              "It inherits the limitations and biases of its base model and of its training data; the "
              "scores above come from held-out rows of the same data, not from an independent audit."]  # fmt: skip
-    if config.task in ("causal-lm", "seq2seq", "preference"):
+    if config.task in GENERATIVE_TASKS:
         lines.append("")
         lines.append("Generated text can be fluent and wrong: do not use it where a false answer causes harm "
                      "without a person checking it.")  # fmt: skip
@@ -277,7 +277,7 @@ def _intended_use(run: Any, kind: str) -> list[str]:
 def _how_to_load(run: Any, kind: str, name: str, data: ModelCardData, extra: dict[str, Any]) -> list[str]:
     config = run.config
     auto = PIPELINES.get(config.task, ("", "AutoModel"))[1]
-    generative = config.task in ("causal-lm", "seq2seq", "preference")
+    generative = config.task in GENERATIVE_TASKS
     use = 'inputs = tokenizer(["a text to label"], return_tensors="pt")\nprint(model(**inputs).logits)'
     if generative:
         use = ('inputs = tokenizer("Hello!", return_tensors="pt")\n'

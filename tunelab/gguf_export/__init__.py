@@ -28,7 +28,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from tunelab.config import load_config
+from tunelab.config import CAUSAL_LM_TASKS, load_config
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.generation import END_OF_TURN, stop_token_ids
 from tunelab.gguf_export.check import check_gguf, has_llama_cpp, threads
@@ -69,7 +69,7 @@ def check_request(run_dir: Path, out: Path, quant: str) -> Any:
     if not (run_dir / "config.yaml").is_file():
         raise TunelabError(f"{run_dir} is not a finished tunelab run: it needs config.yaml and model/")
     config = load_config(run_dir / "config.yaml")
-    if config.task not in ("causal-lm", "preference"):  # a preference run is a causal LM
+    if config.task not in CAUSAL_LM_TASKS:
         other = "--onnx or --merge" if config.task != "seq2seq" else "--merge"
         raise TunelabError(f"GGUF export is for causal-lm decoders; {run_dir} is a {config.task} run; "
                            f"use {other}")  # fmt: skip
