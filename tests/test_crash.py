@@ -288,6 +288,25 @@ def test_a_finished_run_stopped_before_its_rename_is_not_trained_again(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == [".run.partial"]  # the refusal touched nothing
 
 
+def test_kill_between_the_epoch_end_evaluation_and_its_checkpoint(setup, reference):
+    """Step 12 ends epoch 1: its periodic checkpoint is written, then the epoch-end evaluation
+    logs a line, then a second checkpoint. Killed while writing that second one (the 4th
+    checkpoint write), the resume starts from the first and evaluates again: the line it had
+    already logged must not stay in metrics.jsonl twice (a step number cannot tell them apart;
+    the checkpoint counts the lines)."""
+    folder, bert, files = setup
+    out = folder / "epoch-end" / "run"
+    out.parent.mkdir()
+    code, stderr = attempt(
+        train_args(bert, files, out), out.parent / "killed.log", Kill("point", "checkpoint-write:4")
+    )
+    assert code == -signal.SIGKILL, stderr
+    code, stderr = attempt(["train", "--resume", str(out)], out.parent / "resumed.log", None)
+    assert code == 0, stderr
+    assert "resuming from step-000012" in stderr
+    assert comparable(out) == comparable(reference)
+
+
 def test_kill_at_any_moment_resumes_to_the_same_metrics_or_says_how(setup, reference):
     folder, bert, files = setup
     rng = random.Random(SEED)

@@ -110,6 +110,7 @@ class FitResult:
     step_in_epoch: int = 0  # optimizer steps done inside the current epoch
     evals_without_gain: int = 0
     last_eval_step: int = -1
+    logged: int = 0  # metrics.jsonl lines written so far: a resume keeps exactly these
 
     def summary(self) -> dict[str, Any]:
         train_s = max(self.runtime_s - self.eval_s, 1e-9)
@@ -196,6 +197,12 @@ def fit(
     tc = config.train
     loop = prepare(model, task, train, config, lr, pad_id, log, device, checkpoint_dir, dist)
     state = restore(loop, resume_from) if resume_from is not None else FitResult()
+
+    def counted(entry: dict[str, Any]) -> None:
+        state.logged += 1
+        log(entry)
+
+    loop.log = counted
     if loop.cache is not None:
         state.setup_s = round(state.setup_s + loop.setup_s, 3)
         state.cache_mb = round(cache_mb(*loop.cache.table.shape), 1)

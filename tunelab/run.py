@@ -481,10 +481,14 @@ def train_in_process(config: Config, resume: bool, overwrite: bool) -> Run:
         save_config(config, tmp / "config.yaml")
         env = environment(config, device, splits.files, speed.report_for(model).as_dict())
         write_json(tmp / "env.json", env)
-    done = json.loads((checkpoint / "state.json").read_text())["result"]["steps"] if checkpoint else 0
+    counters = json.loads((checkpoint / "state.json").read_text())["result"] if checkpoint else {}
+    done, logged = counters.get("steps", 0), counters.get("logged")
     trackers = Trackers(config, tmp, done, enabled=dist.is_main)  # train.report_to, on rank 0
     try:
-        with write_errors(tmp, out), metrics_log(tmp / "metrics.jsonl", done, dist.is_main, trackers) as log:
+        with (
+            write_errors(tmp, out),
+            metrics_log(tmp / "metrics.jsonl", done, dist.is_main, trackers, logged) as log,
+        ):
             result = fit(model, task, splits.train, splits.validation, config, lr, tokenizer.pad_token_id, log,
                          device, checkpoint_dir=tmp / "checkpoints", resume_from=checkpoint, dist=dist)  # fmt: skip
     except Interrupted as e:
@@ -529,21 +533,25 @@ def write_errors(tmp: Path, out: Path) -> Iterator[None]:
 
 
 @contextmanager
-def metrics_log(path: Path, keep_until: int, enabled: bool,
-                trackers: Trackers | None = None) -> Iterator[Callable[[dict[str, Any]], None]]:  # fmt: skip
-    """A writer of metrics.jsonl lines, each also sent to the `trackers`; on resume, lines after
-    the checkpoint's step are dropped (they will be written again), and so is a last line cut
-    short by a crash (it always comes after the checkpoint)."""
+def metrics_log(path: Path, keep_until: int, enabled: bool, trackers: Trackers | None = None,
+                keep_lines: int | None = None) -> Iterator[Callable[[dict[str, Any]], None]]:  # fmt: skip
+    """A writer of metrics.jsonl lines, each also sent to the `trackers`. On resume, only the
+    lines the checkpoint had seen written are kept (`keep_lines`, its count): the rest will be
+    written again. (A step can log after its checkpoint, e.g. the epoch-end evaluation, so the
+    step number alone cannot tell.) Checkpoints of older versions carry no count: then lines
+    after the checkpoint's step (`keep_until`) are dropped. A last line cut short by a crash is
+    always dropped (it comes after the checkpoint)."""
     if not enabled:
         yield lambda entry: None
         return
-    kept = []
+    kept: list[str] = []
     for line in path.read_text().splitlines() if keep_until and path.exists() else []:
         try:
-            if json.loads(line)["step"] <= keep_until:
-                kept.append(line)
+            step = json.loads(line)["step"]
         except (ValueError, KeyError, TypeError):
             break
+        if (len(kept) < keep_lines) if keep_lines is not None else (step <= keep_until):
+            kept.append(line)
     part = path.with_name(f".{path.name}.partial")  # the kept lines replace the file in one step
     part.write_text("".join(line + "\n" for line in kept))
     crash_point("metrics-rewrite")
