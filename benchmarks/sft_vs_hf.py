@@ -3,6 +3,7 @@ LoRA SFT work: the built-in SmolLM2 on the peer's own instruction pairs (the sam
 rows, held-out rows, epochs, batch 8, maximum length 256, precision), each in its own process.
 
     python benchmarks/sft_vs_hf.py [--n-train 512] [--data sst2|mix] [--precision auto|bf16|fp32]
+                                   [--memory-limit peer|auto|MB]
 
 `--precision auto` (the default) runs both in bf16 where bf16 matrix products are faster on
 this CPU than float32, else in float32.
@@ -10,6 +11,13 @@ this CPU than float32, else in float32.
 Both train the same adapter, the peer's (r 8, alpha 16, dropout 0.05 on q/k/v/o: `PEER_LORA`);
 the learning rates, which change no work, are each tool's own defaults. Prints one Markdown table: training samples/s, real (non-padding)
 tokens/s, padding, peak RSS, held-out loss, and the tunelab/peer ratios.
+
+Memory: `--memory-limit peer` (the default) runs the peer first and gives tunelab
+`train.memory_limit_mb` = 0.6 x the peer's training peak RSS, so its memory plan (gradient
+checkpointing, token-budget micro-batches: docs/training.md#memory) has to fit what the bar
+asks; the plan's line is printed, and the last lines check the bar: peak RSS <= 0.6x the
+peer's with real tokens/s >= 1.5x. `auto` leaves tunelab's own default (a share of the
+machine's available memory), a number sets the limit in MB.
 """
 
 from __future__ import annotations
@@ -58,6 +66,11 @@ def run_peer(work: Path, model: str, n_train: int, data: str, precision: str) ->
     return json.loads(peer_out.read_text())
 
 
+RSS_BAR, SPEED_BAR = (
+    0.6,
+    1.5,
+)  # the issue's bar: peak RSS at most 0.6x the peer's, real tokens/s at least 1.5x
+
 # the adapter hf_clm.py builds (LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=[...]))
 PEER_LORA = [
     "lora.rank=8",
@@ -67,18 +80,20 @@ PEER_LORA = [
 ]
 
 
-def tunelab_overrides(work: Path, precision: str) -> list[str]:
-    return [*PEER_LORA, "model=smollm2-135m", "task=causal-lm", "method=lora", f"data.train={work / 'train.jsonl'}",
+def tunelab_overrides(work: Path, precision: str, memory_limit: str = "auto") -> list[str]:
+    return [f"train.memory_limit_mb={memory_limit}", *PEER_LORA, "model=smollm2-135m", "task=causal-lm", "method=lora", f"data.train={work / 'train.jsonl'}",
             f"data.validation={work / 'held.jsonl'}", "train.epochs=1", "train.batch_size=8", "data.max_length=256",
             f"train.precision={precision}", "train.eval_each_epoch=false", "generation.eval_samples=0",
             "generation.compare_base=false", "train.progress_bar=false"]  # fmt: skip
 
 
-def run_tunelab(work: Path, precision: str) -> dict:
+def run_tunelab(work: Path, precision: str, memory_limit: str = "auto") -> dict:
+    """tunelab's eval.json, with env.json's memory plan under "memory"."""
     run = work / "tunelab-run"
-    subprocess.run([sys.executable, "-m", "tunelab", "train", *tunelab_overrides(work, precision), f"output_dir={run}",
-                    "--overwrite"], check=True, capture_output=True, cwd=ROOT)  # fmt: skip
-    return json.loads((run / "eval.json").read_text())
+    subprocess.run([sys.executable, "-m", "tunelab", "train", *tunelab_overrides(work, precision, memory_limit),
+                    f"output_dir={run}", "--overwrite"], check=True, capture_output=True, cwd=ROOT)  # fmt: skip
+    report = json.loads((run / "eval.json").read_text())
+    return {**report, "memory": json.loads((run / "env.json").read_text()).get("memory")}
 
 
 def main() -> None:
@@ -86,13 +101,18 @@ def main() -> None:
     parser.add_argument("--n-train", type=int, default=512)
     parser.add_argument("--data", default="sst2", choices=["sst2", "mix"])
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    parser.add_argument("--memory-limit", default="peer",
+                        help="tunelab's train.memory_limit_mb: peer (0.6x the peer's peak RSS), auto, or MB")  # fmt: skip
     args = parser.parse_args()
     precision = fastest_precision(args.precision)
     with tempfile.TemporaryDirectory(prefix="tunelab-sft-bench-") as tmp:
         work, model = prepare(args.n_train, args.data, Path(tmp))
         train = (work / "train.jsonl").read_text().splitlines()
         peer = run_peer(work, model, args.n_train, args.data, precision)
-        report = run_tunelab(work, precision)
+        limit = args.memory_limit
+        if limit == "peer":
+            limit = str(int(RSS_BAR * peer["peak_rss_train_mb"]))
+        report = run_tunelab(work, precision, limit)
     ours = report["train"]
     rows_out = [
         ("samples/s", peer["train_samples_per_s"], ours["samples_per_s"]),
@@ -108,11 +128,28 @@ def main() -> None:
     print("| measure | HF peer | tunelab | tunelab / peer |\n| --- | --- | --- | --- |")
     for name, a, b in rows_out:
         print(f"| {name} | {a} | {b} | {b / a:.2f}x |" if a else f"| {name} | {a} | {b} | |")
+    plan = report.get("memory") or {}
+    print(f"\ntunelab, train.memory_limit_mb={limit}: {plan.get('line', '(no plan recorded)')}")
+    rss, speed = (
+        ours["peak_rss_mb"] / peer["peak_rss_train_mb"],
+        ours["tokens_per_s"] / peer["real_tokens_per_s"],
+    )
+    print(f"bar: peak RSS {rss:.2f}x the peer's (<= {RSS_BAR}x: {'met' if rss <= RSS_BAR else 'NOT met'}); "
+          f"real tokens/s {speed:.2f}x (>= {SPEED_BAR}x: {'met' if speed >= SPEED_BAR else 'NOT met'})")  # fmt: skip
     results = ROOT / "benchmarks" / "results"
     results.mkdir(exist_ok=True)
     with open(results / "sft_vs_hf.jsonl", "a") as f:
         f.write(
-            json.dumps({"data": args.data, "n_train": len(train), "peer": peer, "tunelab": report}) + "\n"
+            json.dumps(
+                {
+                    "data": args.data,
+                    "n_train": len(train),
+                    "memory_limit": limit,
+                    "peer": peer,
+                    "tunelab": report,
+                }
+            )
+            + "\n"  # fmt: skip
         )
 
 

@@ -201,6 +201,23 @@ def test_nproc_relaunches_the_same_command_under_torchrun(flag, monkeypatch):
     import tunelab.dist
 
     seen = {}
-    monkeypatch.setattr(tunelab.dist, "launch", lambda n, argv: seen.update(n=n, argv=argv) or 0)
+    monkeypatch.setattr(tunelab.dist, "launch", lambda n, argv, max_restarts: seen.update(n=n, argv=argv,
+                        restarts=max_restarts) or 0)  # fmt: skip
     assert main(["train", "c.yaml", *flag, "a=1"]) == 0
-    assert seen == {"n": 2, "argv": ["train", "c.yaml", "a=1"]}
+    assert seen == {"n": 2, "argv": ["train", "c.yaml", "a=1"], "restarts": 0}
+
+
+@pytest.mark.parametrize(
+    "flags", [["--nproc", "2", "--max-restarts", "3"], ["--max-restarts=3", "--nproc=2"]]
+)
+def test_max_restarts_is_passed_to_torchrun(flags, monkeypatch):
+    import tunelab.dist
+
+    seen = {}
+    monkeypatch.setattr(tunelab.dist, "launch", lambda n, argv, max_restarts: seen.update(n=n, argv=argv,
+                        restarts=max_restarts) or 0)  # fmt: skip
+    assert main(["train", "c.yaml", *flags, "a=1"]) == 0
+    assert seen == {"n": 2, "argv": ["train", "c.yaml", "a=1"], "restarts": 3}
+    assert main(["train", "c.yaml", "--max-restarts", "1"]) == 0  # one process, still restarted by torchrun
+    assert seen == {"n": 1, "argv": ["train", "c.yaml"], "restarts": 1}
+    assert main(["train", "c.yaml", "--max-restarts", "-1"]) == 2

@@ -153,3 +153,19 @@ def test_train_prints_the_short_form_unless_data_check_is_off(
     )
     assert main(["train", *args, "data.check=false", f"output_dir={tmp_path / 'off'}"]) == 0
     assert "data check" not in capsys.readouterr().err
+
+
+def test_train_checks_the_first_rows_of_a_large_file_and_says_so(
+    tiny_bert, clean, tmp_path, capsys, monkeypatch
+):
+    """`train` reads at most CHECK_ROWS rows per file for its check, so a file of millions of rows
+    is not read into Python rows here (training reads it in chunks); the line says so."""
+    import tunelab.run
+
+    monkeypatch.setattr(tunelab.run, "CHECK_ROWS", 25)
+    args = [*classify(tiny_bert, clean), "method=full", "train.max_steps=1", "train.progress_bar=false",
+            "train.precision=fp32", f"output_dir={tmp_path / 'run'}"]  # fmt: skip
+    assert main(["train", *args]) == 0
+    out = capsys.readouterr().err
+    assert ("data check: 25 train, 10 test rows; no train rows in validation/test; only the first 25 train rows "
+            "were checked (all of them: tunelab data check CONFIG)") in out  # fmt: skip

@@ -206,6 +206,8 @@ def test_table_for_causal_lm_puts_the_configured_method_first_and_says_what_was_
     pattern = r" \(causal-lm\): (\d+) training rows, 12 validation rows, batch 8; cpu, 1 thread, \w+"
     about = re.fullmatch(re.escape(str(llama)) + pattern, lines[0])
     assert about, lines[0]
+    # the memory plan the probe trained with, as `train` prints it (the machine's default limit)
+    assert lines[1].startswith("memory: limit ") and "(auto: this process's" in lines[1], lines[1]
     header = lines.index(next(line for line in lines if line.startswith("method")))
     assert lines[header].split() == ["method", "trainable", "params", "time/epoch", "spread", "eval", "pass",
                                      "peak", "RSS", "steps/epoch"]  # fmt: skip

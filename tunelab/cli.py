@@ -21,19 +21,21 @@ from tunelab.serve.limits import flag as limit_flag
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    if args.nproc and args.nproc > 1:
+    if args.max_restarts is not None and args.max_restarts < 0:
+        raise TunelabError(f"--max-restarts {args.max_restarts}: give 0 or more restarts")
+    if (args.nproc and args.nproc > 1) or args.max_restarts:
         from tunelab.dist import launch
 
         argv = list(sys.argv[1:]) if args.argv is None else list(args.argv)
         rest, skip = [], False
-        for arg in argv:  # drop `--nproc N` or `--nproc=N`; torchrun runs the rest
-            if skip or arg.startswith("--nproc="):
+        for arg in argv:  # drop `--nproc N`, `--max-restarts K` (or `=`); torchrun runs the rest
+            if skip or arg.startswith(("--nproc=", "--max-restarts=")):
                 skip = False
-            elif arg == "--nproc":
+            elif arg in ("--nproc", "--max-restarts"):
                 skip = True
             else:
                 rest.append(arg)
-        return launch(args.nproc, rest)
+        return launch(args.nproc or 1, rest, args.max_restarts or 0)
     from tunelab.run import train
 
     config, overrides = None, list(args.overrides)
@@ -469,6 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the tunelab run at output_dir when done")
     p.add_argument("--resume", metavar="RUN", help="continue an unfinished run from its latest checkpoint")
     p.add_argument("--nproc", type=int, metavar="N", help="train with N processes on this machine (torchrun)")
+    p.add_argument("--max-restarts", type=int, metavar="K",
+                   help="torchrun restarts the processes up to K times when one dies; they resume from the "
+                   "latest checkpoint")  # fmt: skip
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a run (its saved report, or on a labelled file)")

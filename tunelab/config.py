@@ -159,6 +159,28 @@ class DataConfig:
         "end-of-turn target) and print a short summary; `tunelab data check` prints the whole report.",
         True,
     )
+    cache: bool = doc(
+        "classification/regression: keep the tokenized splits as Arrow files in tunelab's cache folder, "
+        "memory-mapped (rows cost disk, not RAM) and reused by later runs on the same files, tokenizer and "
+        "settings; the files are read in chunks. false: read and tokenize into memory every run.",
+        True,
+    )
+    num_workers: int = doc(
+        "Processes that tokenize the data when the cache is built (`datasets` map's num_proc).",
+        1,
+        check=at_least(1),
+    )
+    streaming: bool = doc(
+        "Read the training file as training goes (CSV, TSV, JSONL, text or Parquet larger than memory), "
+        "shuffled through a seeded buffer, without a pass over it first; needs train.max_steps and "
+        "data.validation (classification: data.labels); see docs/streaming.md.",
+        False,
+    )
+    shuffle_buffer: int = doc(
+        "data.streaming: rows held in the shuffle buffer (more mixes better and holds more in memory).",
+        10000,
+        check=at_least(1),
+    )
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -191,9 +213,18 @@ class TrainConfig:
         "else fp32.",
         "auto",
     )
-    gradient_checkpointing: bool = doc(
-        "Recompute activations in the backward pass instead of storing them: far less memory on long rows.",
-        False,
+    gradient_checkpointing: bool | Literal["auto"] = doc(
+        "Recompute activations in the backward pass instead of storing them: far less memory on long rows; "
+        "`auto`: the memory plan decides (generative tasks; off for the others).",
+        "auto",
+    )
+    memory_limit_mb: float | Literal["auto", "off", False] = doc(
+        "Peak memory (RSS, MB per process) that training must fit: before a generative task trains on a CPU, "
+        "a plan picks gradient checkpointing and token-budget micro-batches so the predicted peak fits "
+        "(docs/training.md#memory); `auto`: this process's memory plus 70% of what the machine has "
+        "available; `off` (or false, or 0): no plan.",
+        "auto",
+        check=Check(lambda v: isinstance(v, str) or v >= 0, "must be >= 0 (MB), auto or off"),
     )
     fast_kernels: bool = doc(
         "tunelab's CPU speed-ups (modules swapped in; env.json's `speed` says which applied): padding left "
@@ -299,6 +330,11 @@ class LoraConfig:
     )
     use_dora: bool = doc("DoRA: learn a magnitude per output too (Liu et al., 2024).", False)
     use_rslora: bool = doc("rsLoRA: scale by alpha / sqrt(rank) instead of alpha / rank.", False)
+    quantize: Literal["none", "4bit"] = doc(
+        "`4bit`: QLoRA, the frozen base loaded in 4-bit NF4 (bitsandbytes) with LoRA on top; needs a CUDA "
+        "GPU and `pip install 'tunelab[gpu]'`.",
+        "none",
+    )
 
 
 @dataclass
@@ -639,6 +675,8 @@ def validate(config: Config) -> None:
     check_columns(config)
     check_precision(config.train.precision)
     check_trackers(config.train.report_to)
+    check_quantize(config)
+    check_streaming(config)
 
 
 def field_checks(section: Any, prefix: str = "") -> list[tuple[str, Any, Check]]:
@@ -678,6 +716,57 @@ def check_precision(precision: str) -> None:
         raise ConfigError("train.precision: fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
     if precision == "bf16" and not bf16_supported(device):
         raise ConfigError(f"train.precision: this {device.type.upper()} has no fast bf16; use fp32 or auto")
+
+
+QUANTIZE_NEEDS = "lora.quantize=4bit needs a CUDA GPU and bitsandbytes (pip install 'tunelab[gpu]')"
+
+
+def check_quantize(config: Config) -> None:
+    """`lora.quantize=4bit` (QLoRA) is for method=lora, on a CUDA GPU with bitsandbytes installed
+    (checked without importing it), so a CPU run stops here rather than after loading the model."""
+    if config.lora.quantize == "none":
+        return
+    if config.method != "lora":
+        raise ConfigError(f"lora.quantize=4bit applies to method=lora, not method={config.method}; "
+                          f"set method=lora or lora.quantize=none")  # fmt: skip
+    if config.train.distributed == "fsdp":  # FSDP would shard the packed 4-bit weights as plain bytes
+        raise ConfigError("lora.quantize=4bit does not combine with train.distributed=fsdp; use ddp")
+    if pick_device().type != "cuda" or importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(QUANTIZE_NEEDS)
+
+
+STREAMING_TASKS = ("classification", "regression")
+
+
+def check_streaming(config: Config) -> None:
+    """`data.streaming` reads the training file once per pass, as it trains: refuse, at load,
+    the settings that need the whole file first."""
+    d, t = config.data, config.train
+    if not d.streaming:
+        return
+    if config.task not in STREAMING_TASKS:
+        raise ConfigError(f"data.streaming supports task={' and task='.join(STREAMING_TASKS)}, not "
+                          f"task={config.task}; set data.streaming=false")  # fmt: skip
+    if t.max_steps is None:
+        raise ConfigError("data.streaming needs train.max_steps (the schedule's length: a stream's rows, and so "
+                          "its steps per epoch, are not counted before training); set train.max_steps=N")  # fmt: skip
+    if not d.validation:
+        raise ConfigError("data.streaming needs data.validation=<file> (holding out data.validation_split of a "
+                          "stream would need a pass over it first)")  # fmt: skip
+    if config.task == "classification" and not (d.labels or d.label_columns):
+        raise ConfigError("data.streaming with task=classification needs data.labels (the label set is "
+                          "otherwise read from the whole train file); list them, e.g. data.labels=[neg,pos]")  # fmt: skip
+    refused = {
+        "data.max_train_samples": (d.max_train_samples is not None, "bound training with train.max_steps"),
+        "data.shots_per_class": (d.shots_per_class is not None, "set data.streaming=false"),
+        "data.augment.method": (d.augment.method != "none", "set data.augment.method=none"),
+        "data.format": (d.format == "json" or (d.format == "auto" and str(d.train or "").lower().endswith(".json")),
+                        "convert the file to JSONL (one object per line)"),
+    }  # fmt: skip
+    for key, (bad, fix) in refused.items():
+        if bad:
+            raise ConfigError(f"{key} needs the whole training file, so it does not apply with "
+                              f"data.streaming; {fix}")  # fmt: skip
 
 
 GENERATIVE_TASKS = ("causal-lm", "seq2seq", "preference")

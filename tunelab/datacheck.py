@@ -17,10 +17,12 @@ from __future__ import annotations
 import copy
 import json
 import statistics
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
+from tunelab.chunks import iter_tables
 from tunelab.config import Config, max_length
 from tunelab.data import FORMATS, Table, is_missing, read_table
 from tunelab.errors import TunelabError
@@ -59,6 +61,7 @@ class Report:
     unused: dict[str, list[str]] = field(default_factory=dict)  # file -> columns nothing reads
     files: dict[str, str] = field(default_factory=dict)  # split -> path
     rows: dict[str, int] = field(default_factory=dict)  # split -> rows in its file
+    partial: list[str] = field(default_factory=list)  # splits of which only the first rows were checked
     examples: dict[str, int] = field(default_factory=dict)  # split -> examples as training sees them
     labels: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> label -> rows (tokens)
     lengths: dict[str, dict[str, float]] = field(default_factory=dict)  # split -> min/median/mean/p95/max
@@ -98,6 +101,9 @@ class Report:
             missing = self.eos["missing"]
             parts.append(f"end-of-turn target missing in {missing} of {self.eos['checked']}" if missing
                          else f"end-of-turn target in all {self.eos['checked']}")  # fmt: skip
+        if self.partial:
+            parts.append(f"only the first {', '.join(f'{self.rows[s]:,} {s}' for s in self.partial)} rows were "
+                         f"checked (all of them: tunelab data check CONFIG)")  # fmt: skip
         return "data check: " + "; ".join(parts)
 
     def short_lines(self) -> list[str]:
@@ -245,10 +251,13 @@ def check_config(config: Config) -> Report:
 
 
 def check_data(
-    config: Config, tokenizer: Any, task: Any, splits: Any, report: Report | None = None
-) -> Report:
+    config: Config, tokenizer: Any, task: Any, splits: Any, report: Report | None = None,
+    max_rows: int | None = None,
+) -> Report:  # fmt: skip
     """Check the rows behind `splits` (from `task.load_splits(tokenizer)`): `train` calls this
-    with what it has loaded; `check_config` for the whole command."""
+    with what it has loaded, and `max_rows` (the check reads each file's first `max_rows` rows
+    only, so a file of millions of rows never becomes Python rows here; the report says so);
+    `check_config` for the whole command, every row."""
     report = report or Report(task=config.task, files=files_of(config), max_length=max_length(config))
     suffix = Path(config.data.train or "").suffix.lower()
     file_format = FORMATS.get(suffix, "conll" if suffix else "auto")  # token tasks read CoNLL files
@@ -261,8 +270,10 @@ def check_data(
     tables: dict[str, list[Row]] = {}
     with quiet_transformers():
         for split, path in report.files.items():
-            table = task.read(path)
+            table, whole = first_rows(task, path, max_rows)
             report.rows[split] = len(table)
+            if not whole:
+                report.partial.append(split)
             tables[split] = view(task, table, tokenizer)
     report.columns = named_columns(config) or {
         f"record ({layout})": c for c in LAYOUT_COLUMNS.get(str(layout), [])
@@ -280,6 +291,32 @@ def check_data(
     if config.task == "causal-lm" and layout != "text":
         end_of_turn(report, tables.get("train", []), tokenizer)
     return report
+
+
+def first_rows(task: Any, path: str, max_rows: int | None) -> tuple[Table, bool]:
+    """The file's rows, checked as `task.read` checks them, and whether that is all of them: at
+    most `max_rows`, read in chunks, for tasks that check a chunk at a time (`task.check`)."""
+    if max_rows is None or not hasattr(task, "check"):
+        return task.read(path), True
+    chunks = cast(Generator[Table, None, None], iter_tables(path, task.config.data.format))
+    rows: list[dict[str, Any]] = []
+    lines: list[str] = []
+    first = None
+    whole = True
+    try:
+        for chunk in chunks:
+            first = first or chunk
+            rows += chunk.rows
+            lines += chunk.lines
+            if len(rows) >= max_rows:
+                whole = next(chunks, None) is None and len(rows) == max_rows
+                break
+    finally:
+        chunks.close()
+    assert first is not None  # iter_tables raises for a file without rows
+    table = Table(first.path, rows[:max_rows], lines[:max_rows], first.columns)
+    task.check(table)
+    return table, whole
 
 
 def classification_rows(task: Any, table: Table, tokenizer: Any) -> list[Row]:

@@ -2,7 +2,8 @@
 module joins them (gloo on CPU, NCCL on GPU) and offers the few collectives the loop needs.
 
 Nothing here manages processes: `tunelab train --nproc N` only re-executes the same command
-under `torchrun --standalone --nproc_per_node N`.
+under `torchrun --standalone --nproc_per_node N` (and `--max-restarts K` is torchrun's own
+elastic restart of the group).
 """
 
 from __future__ import annotations
@@ -10,12 +11,15 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
-from typing import cast, overload
+from pathlib import Path
+from typing import TypeVar, cast, overload
 
 import torch
 import torch.distributed as torch_dist
 
 from tunelab.models import block_stacks
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,8 @@ def init_distributed() -> Dist:
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(local_rank)
-        torch_dist.init_process_group("nccl" if cuda else "gloo")
+        # on GPUs: NCCL for CUDA tensors, gloo for the CPU tensors of the loop's small collectives
+        torch_dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
         if not cuda and "OMP_NUM_THREADS" not in os.environ:
             # processes on one CPU share its cores
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
@@ -74,6 +79,15 @@ def broadcast_flag(flag: bool, dist: Dist) -> bool:
     return bool(tensor.item())
 
 
+def broadcast_object(value: T, dist: Dist) -> T:
+    """Rank 0's `value` (any picklable object), on every rank."""
+    if not dist.active:
+        return value
+    holder = [value]
+    torch_dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
 def barrier(dist: Dist) -> None:
     if dist.active:
         torch_dist.barrier()
@@ -98,6 +112,15 @@ def shard_model(model: torch.nn.Module) -> None:
     fully_shard(model)
 
 
+def reshard(model: torch.nn.Module) -> None:
+    """Back to shards after evaluation: FSDP2 leaves the root module's parameters whole after a
+    forward pass, expecting a backward pass to follow. No-op without FSDP."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        model.reshard()
+
+
 @overload
 def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]: ...
 @overload
@@ -120,13 +143,6 @@ def full_state(
     return model_state, optim_state
 
 
-def gather_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """DTensor shards -> whole tensors (collective: every process calls it, same order)."""
-    return {
-        n: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu() for n, t in tensors.items()
-    }
-
-
 def load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainable: dict, optim_state: dict,
                  best: dict | None) -> dict | None:  # fmt: skip
     """Put whole checkpoint tensors back into the shards; returns the best weights as shards."""
@@ -146,10 +162,87 @@ def load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train
     return {n: distribute_tensor(t, params[n].device_mesh, params[n].placements) for n, t in best.items()}
 
 
-def launch(nproc: int, argv: list[str]) -> int:
-    """Re-run `tunelab <argv>` under torchrun with `nproc` processes on this machine."""
+def _shard_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, best: bool) -> dict:
+    """What a sharded checkpoint holds, as this process sees it: the trainable weights and the
+    optimizer state (DTensor shards under FSDP, whole tensors in a plain process, keyed by
+    parameter name either way), and, with `best`, tensors shaped like the trainable weights."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state: dict = {"model": {n: model_state[n] for n in names}, "optimizer": optim_state}
+    if best:
+        params = dict(model.named_parameters())
+        state["best"] = {n: params[n].detach().clone() for n in names}
+    return state
+
+
+def save_shards(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                best: dict[str, torch.Tensor] | None) -> None:  # fmt: skip
+    """Write the trainable weights, optimizer state and best weights with
+    torch.distributed.checkpoint: under a process group every process writes only its own
+    shards (`__<rank>_0.distcp`; nothing is gathered) and rank 0 the `.metadata` that maps
+    them; one plain process writes whole tensors in the same format. Collective."""
+    import torch.distributed.checkpoint as dcp
+
+    state = _shard_state(model, optimizer, best=False)
+    if best is not None:
+        state["best"] = best
+    dcp.save(state, checkpoint_id=path, no_dist=not torch_dist.is_initialized())
+
+
+def load_shards(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                best: bool) -> dict[str, torch.Tensor] | None:  # fmt: skip
+    """Read what `save_shards` wrote, whatever number of processes wrote it: each process reads
+    the parts of the saved tensors that fall in its own shards (resharding). Returns the best
+    weights (shards under FSDP), when `best`. Collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    state = _shard_state(model, optimizer, best)
+    dcp.load(state, checkpoint_id=path, no_dist=not torch_dist.is_initialized())
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(strict=False))  # fmt: skip
+    return state.get("best")
+
+
+def launch(nproc: int, argv: list[str], max_restarts: int = 0) -> int:
+    """Re-run `tunelab <argv>` under torchrun with `nproc` processes on this machine; with
+    `max_restarts`, torchrun restarts the whole group up to that many times when a process dies
+    (the restarted processes resume from the latest checkpoint by themselves)."""
     import subprocess
 
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "tunelab", *argv]  # fmt: skip
-    return subprocess.call(command)
+               f"--max-restarts={max_restarts}", "-m", "tunelab", *argv]  # fmt: skip
+    return subprocess.call(command, env={**os.environ, **RESTARTABLE} if max_restarts else None)
+
+
+# torchrun's agent keeps one store for all the rounds of a job, and the processes of a restarted
+# group then read the dead processes' addresses from it (gloo: "connectFullMesh failed ...
+# Connection refused"); with sharing off, each round's rank 0 hosts a store of its own
+RESTARTABLE = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
+def restart_caveat() -> str | None:
+    """What to set when torchrun may restart this job's processes with a store that makes the
+    restarted group fail to connect (see RESTARTABLE); None when all is well."""
+    if (
+        int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
+        and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    ):
+        return (
+            "torchrun --max-restarts: set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun on every node, "
+            "or a restarted group may fail to connect (it reads the dead processes' addresses)"
+        )
+    return None
+
+
+def torchrun_job() -> str | None:
+    """The id of the torchrun job this process belongs to (its rendezvous id, TORCHELASTIC_RUN_ID:
+    a fresh one per `--standalone` launch, `--rdzv-id` otherwise); None outside torchrun."""
+    return os.environ.get("TORCHELASTIC_RUN_ID")
+
+
+def restart_count() -> int:
+    """How many times torchrun has restarted this job's processes after one died (`--max-restarts`)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))

@@ -67,6 +67,7 @@ from tunelab.console import say as stderr_say
 from tunelab.device import autocast, peak_rss_mb, pick_device, precision_name, resolve_precision
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.loop import fit, length_batches
+from tunelab.memory import plan_memory
 from tunelab.methods import METHODS
 from tunelab.models import count_params
 from tunelab.run import build_model, load_inputs, process_settings, run_config
@@ -126,6 +127,7 @@ class MethodEstimate:
     new_shapes_mb: float = 0.0  # memory those shapes keep (the memory steps', the rest extrapolated)
     probe_s: float | None = None  # wall time of the probe process
     skipped: str | None = None
+    memory: dict[str, Any] | None = None  # the memory plan the probe trained with (as env.json records it)
 
 
 @dataclass
@@ -201,7 +203,10 @@ class Estimate:
                  f"validation rows, batch {self.batch_size}"
                  + (f" x {self.gradient_accumulation} accumulated" if self.gradient_accumulation > 1 else "")
                  + f"; {self.device}, {self.threads} thread{'s' * (self.threads != 1)}, {self.precision}")  # fmt: skip
-        return "\n".join([about, "", *lines, *skipped, "", f"* the config's method. Basis: {self.basis}."])
+        plans = [m.memory["line"] for m in self.methods if m.configured and m.memory]
+        return "\n".join(
+            [about, *plans, "", *lines, *skipped, "", f"* the config's method. Basis: {self.basis}."]
+        )
 
 
 def spread(m: MethodEstimate) -> str:
@@ -367,6 +372,9 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
     model = build_model(config, task, method, model_path, tokenizer)
     trainable, total = count_params(model)
     device = pick_device()
+    # the memory plan training would make (checkpointing, micro-batches): the probe trains with it
+    plan = plan_memory(model, task, splits.train, config, tokenizer.pad_token_id, device,
+                       resolve_precision(config.train.precision, device))  # fmt: skip
 
     decoder, collate = config.task == "seq2seq", task.collate
     pending: list[tuple[int, ...]] = []  # shapes collated since the last step: the next step's
@@ -408,7 +416,7 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
     gc.collect()
     began = time.perf_counter()
     result = fit(model, task, [splits.train[i] for i in spec["rows"]], validation, probe_config, lr,
-                 tokenizer.pad_token_id, log, device)  # fmt: skip
+                 tokenizer.pad_token_id, log, device, micro_batch_tokens=plan.micro_batch_tokens)  # fmt: skip
     steps = timed(began)
     # then one step of each batch shape the epoch has and the probe did not (their memory)
     packed = speed.report_for(model).has(speed.PACKED)
@@ -420,7 +428,7 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
         tc.max_steps = memory["steps"]
         began = time.perf_counter()
         done = fit(model, task, [splits.train[i] for i in memory["rows"]], [], probe_config, lr,
-                   tokenizer.pad_token_id, log, device)  # fmt: skip
+                   tokenizer.pad_token_id, log, device, micro_batch_tokens=plan.micro_batch_tokens)  # fmt: skip
         memory_cache_mb = done.cache_mb
     task.collate = collate
     after = allocated_mb()
@@ -446,6 +454,7 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
         "total_params": total,
         "peak_rss_mb": peak_rss_mb(),
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
+        "memory": plan.as_dict(),
     }
 
 
@@ -522,6 +531,9 @@ def estimate(
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ConfigError(f"--steps must be an integer >= 1, got {steps!r}")
     config = run_config(config, overrides, None, kwargs)
+    if config.data.streaming:  # (its train rows are read only as training goes)
+        raise ConfigError("tunelab estimate measures an epoch of the whole train file, which data.streaming does "
+                          "not read first; estimate with data.streaming=false on a part of the file")  # fmt: skip
     order = chosen_methods(methods, config.method)
     _, _, task, splits = load_inputs(config)
     device = pick_device()
@@ -633,6 +645,7 @@ def predict(row: MethodEstimate, outcome: dict[str, Any], plan: list[Step], eval
         probe_peak - cache + row.new_shapes_mb, outcome["peak_rss_mb"] - memory_cache
     ) + cache * (scale + 1)
     row.peak_gpu_mb = outcome["peak_gpu_mb"]
+    row.memory = outcome.get("memory")
     row.probe_s = outcome["probe_s"]
 
 

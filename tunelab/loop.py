@@ -11,31 +11,34 @@ decide which parameters train; neither is ever named here: they declare what the
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import random
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import torch
 from tqdm.auto import tqdm
 
-from tunelab.checkpoint import load_checkpoint
+from tunelab.checkpoint import crash_point, is_sharded, load_checkpoint, save_sharded_checkpoint
 from tunelab.checkpoint import save_checkpoint as write_checkpoint
 from tunelab.config import Config, batch_size
+from tunelab.console import say
 from tunelab.device import autocast, pick_device, resolve_precision, to_device
-from tunelab.dist import Dist, all_reduce_sum, broadcast_flag, full_state, gather_tensors, shard_model
+from tunelab.dist import Dist, all_reduce_sum, broadcast_flag, reshard, shard_model
 from tunelab.errors import ConfigError, Interrupted
 from tunelab.methods import METHODS
 from tunelab.metrics import higher_is_better
 from tunelab.speed import FrozenCache, cache_mb, report_for
 from tunelab.tasks.base import Task, padded_length
+from tunelab.token_cache import row_lengths
 
 
 def length_batches(
@@ -88,6 +91,26 @@ def make_schedule(optimizer: torch.optim.Optimizer, kind: str, warmup: int, tota
         return 1.0
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class BatchSource(Protocol):
+    """Where `fit` takes its steps from with `data.streaming` (tunelab.stream.StreamSource)."""
+
+    pass_done: bool  # the last `steps()` ended because the pass over the data did
+
+    @property
+    def fraction(self) -> float:
+        """How far into the current pass, 0 to 1."""
+        ...
+
+    def steps(self) -> Iterator[tuple[list[dict[str, Any]], list[list[int]], list[list[int]], list[int]]]:
+        """The rest of the pass: (rows, this process's micro-batches into them, the global
+        micro-batches into `lengths`, lengths)."""
+        ...
+
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> None: ...
 
 
 @dataclass
@@ -154,12 +177,15 @@ class Loop:
     total_steps: int
     steps_per_epoch: int
     global_batch: int
+    micro_batch: int  # the most rows one process runs at once (`train.batch_size`)
     trainable: list[torch.nn.Parameter] = field(default_factory=list)
     cache: FrozenCache | None = None
     setup_s: float = 0.0  # building the cache: training time, though before the first step
     best_state: dict[str, torch.Tensor] | None = None
     epoch_rng_state: Any = None  # the data-order RNG as it was when the current epoch began
     progress: Any = None
+    micro_tokens: int | None = None  # the memory plan's token budget per micro-batch (None: whole batches)
+    stream: BatchSource | None = None  # data.streaming: where the steps come from
 
 
 @dataclass
@@ -185,6 +211,8 @@ def fit(
     checkpoint_dir: Path | None = None,
     resume_from: Path | None = None,
     dist: Dist | None = None,
+    micro_batch_tokens: int | None = None,
+    stream: BatchSource | None = None,
 ) -> FitResult:
     """Train `model` in place on `train`; keep the weights that scored best on `validation`.
 
@@ -192,10 +220,16 @@ def fit(
     With `checkpoint_dir`, resumable checkpoints are written every `train.checkpoint_steps`
     steps, at each epoch end and on SIGTERM/SIGINT (then `Interrupted` is raised);
     `resume_from` continues exactly from one. Under torchrun (`dist`), each process trains on
-    its share of every global batch and only rank 0 evaluates.
+    its share of every global batch and only rank 0 evaluates. With `micro_batch_tokens` (the
+    memory plan's), each batch runs as micro-batches of at most that many padded tokens. With
+    `stream` (`data.streaming`), the steps come from it instead of from `train`, a pass over the
+    file is an epoch, and checkpoints record its position.
     """
     tc = config.train
-    loop = prepare(model, task, train, config, lr, pad_id, log, device, checkpoint_dir, dist)
+    resumed = resumed_batch(resume_from, config, dist) if resume_from is not None else None
+    loop = prepare(model, task, train, config, lr, pad_id, log, device, checkpoint_dir, dist, resumed)
+    loop.micro_tokens = micro_batch_tokens
+    loop.stream = stream
     state = restore(loop, resume_from) if resume_from is not None else FitResult()
 
     def counted(entry: dict[str, Any]) -> None:
@@ -206,7 +240,7 @@ def fit(
     if loop.cache is not None:
         state.setup_s = round(state.setup_s + loop.setup_s, 3)
         state.cache_mb = round(cache_mb(*loop.cache.table.shape), 1)
-    lengths = [len(e["input_ids"]) for e in train]
+    lengths = row_lengths(train)  # the Arrow length column where the rows are cached: no row is read
     loop.progress = _progress(loop.total_steps, tc.progress_bar and loop.dist.is_main, initial=state.steps)
     window = Window()
     model.train()
@@ -215,14 +249,19 @@ def fit(
     with _StopSignal() as signals:
         while not stop:
             loop.epoch_rng_state = loop.rng.getstate()
-            batches = length_batches(lengths, loop.global_batch, loop.rng, tc.length_bucketing)
-            groups = [batches[s : s + tc.gradient_accumulation]
-                      for s in range(0, len(batches), tc.gradient_accumulation)]  # fmt: skip
-            for group in groups[state.step_in_epoch :]:
-                units, loss = train_step(loop, train, group)
-                count_step(state, window, group, lengths, units, loss, task.pad_multiple)
+            if stream is None:
+                batches = length_batches(lengths, loop.global_batch, loop.rng, tc.length_bucketing)
+                groups = [batches[s : s + tc.gradient_accumulation]
+                          for s in range(0, len(batches), tc.gradient_accumulation)]  # fmt: skip
+            # (rows, this process's micro-batches, the global ones the counters read, their lengths)
+            steps = stream.steps() if stream else ((train, g, g, lengths) for g in groups[state.step_in_epoch:])  # fmt: skip
+            for rows, group, counts, step_lengths in steps:
+                units, loss = train_step(loop, rows, group)
+                count_step(state, window, counts, step_lengths, units, loss, task.pad_multiple)
                 loop.progress.update(1)
-                epoch = state.epoch_index + min(1.0, state.step_in_epoch / loop.steps_per_epoch)
+                crash_point("train-step")  # test hook: a process dying mid-training
+                epoch = state.epoch_index + (stream.fraction if stream else
+                                             min(1.0, state.step_in_epoch / loop.steps_per_epoch))  # fmt: skip
                 if state.steps % tc.log_steps == 0 or state.steps == loop.total_steps:
                     log_window(loop, state, window, epoch)
                 evaluated = False
@@ -243,11 +282,11 @@ def fit(
                 stop = should_stop(loop, state, patience_spent=evaluated)
                 if stop:
                     break
-            if state.step_in_epoch == len(groups):  # the epoch is done
+            if stream.pass_done if stream else state.step_in_epoch == len(groups):  # the epoch is done
                 state.epoch_index, state.step_in_epoch = state.epoch_index + 1, 0
-            state.epochs = min(
+            state.epochs = state.epoch_index + stream.fraction if stream else min(
                 state.steps / loop.steps_per_epoch, state.epoch_index + (state.step_in_epoch > 0)
-            )
+            )  # fmt: skip
             finished_epoch = state.step_in_epoch == 0
             # every run ends on an evaluation, and so does every epoch when eval_each_epoch is on
             if (tc.eval_each_epoch and finished_epoch or stop) and state.last_eval_step != state.steps:
@@ -267,7 +306,7 @@ def fit(
 
 def prepare(model: torch.nn.Module, task: Task, train: list[dict[str, Any]], config: Config, lr: float,
             pad_id: int, log: Callable[[dict[str, Any]], None], device: torch.device | None,
-            checkpoint_dir: Path | None, dist: Dist | None) -> Loop:  # fmt: skip
+            checkpoint_dir: Path | None, dist: Dist | None, global_batch: int | None = None) -> Loop:  # fmt: skip
     """Everything `fit` needs before its first step: device and precision, the step counts,
     optimizer and schedule, FSDP or DDP, and the frozen-layer cache where it applies."""
     tc = config.train
@@ -280,10 +319,12 @@ def prepare(model: torch.nn.Module, task: Task, train: list[dict[str, Any]], con
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)
     # a global batch is batch_size x world size examples; each process takes its share
-    global_batch = batch_size(config) * dist.world
+    # (a resumed run keeps its checkpoint's global batch, whatever the world size now)
+    global_batch = global_batch or batch_size(config) * dist.world
     steps_per_epoch = math.ceil(math.ceil(len(train) / global_batch) / tc.gradient_accumulation)
     total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
-    model.to(device)
+    if not getattr(model, "is_loaded_in_4bit", False):  # a 4-bit base (QLoRA) was loaded onto its GPU
+        model.to(device)
     fsdp = dist.active and tc.distributed == "fsdp"
     if fsdp:
         shard_model(model)
@@ -294,9 +335,11 @@ def prepare(model: torch.nn.Module, task: Task, train: list[dict[str, Any]], con
         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16), device=device, dtype=dtype,
         dist=dist, fsdp=fsdp, pad_id=pad_id, metric=metric, higher_is_better=higher_is_better(metric), log=log,
         checkpoint_dir=checkpoint_dir, rng=rng, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-        global_batch=global_batch, trainable=[p for p in model.parameters() if p.requires_grad],
+        global_batch=global_batch, micro_batch=batch_size(config), trainable=[p for p in model.parameters() if p.requires_grad],
     )  # fmt: skip
-    refusal = frozen_cache_refusal(config, task, fsdp)
+    # the cache is part of the CPU speed layer: on a GPU the model's own code runs
+    off_cpu = None if device.type == "cpu" else "not training on a CPU"
+    refusal = frozen_cache_refusal(config, task, fsdp) or off_cpu
     if refusal:
         report_for(model).note_cache(False, refusal)
     else:
@@ -326,6 +369,8 @@ def frozen_cache_refusal(config: Config, task: Task, fsdp: bool) -> str | None:
         return f"the {task.name} task draws new inputs every epoch (masking)"
     if fsdp:
         return "FSDP shards hold the layers"
+    if config.data.streaming:
+        return "data.streaming reads the rows as it trains"
     return None
 
 
@@ -334,10 +379,27 @@ def restore(loop: Loop, checkpoint: Path) -> FitResult:
     return its counters."""
     state, loop.best_state = load_checkpoint(checkpoint, loop.model, loop.optimizer, loop.schedule, loop.scaler,
                                              loop.rng, loop.fsdp)  # fmt: skip
-    if state.get("world", 1) != loop.dist.world:
-        raise ConfigError(f"{checkpoint} was saved by {state.get('world', 1)} process(es); resume it with "
-                          f"the same number (the global batch, and so the data order, depend on it)")  # fmt: skip
+    world = state.get("world", 1)
+    if world != loop.dist.world and loop.dist.is_main:
+        per_process = math.ceil(loop.global_batch / loop.dist.world)
+        say(f"resharding {checkpoint.name}: saved by {world} process(es), resumed on {loop.dist.world}; the "
+            f"global batch stays {loop.global_batch} ({per_process} per process, in micro-batches of at most "
+            f"{loop.micro_batch}), so the data order is the same; float rounding, and dropout masks, differ")  # fmt: skip
+    if loop.stream is not None:
+        loop.stream.load_state_dict(state["stream"])
     return FitResult(**state["result"])
+
+
+def resumed_batch(checkpoint: Path, config: Config, dist: Dist | None) -> int:
+    """The global batch a run resumed from `checkpoint` keeps (the data order and the step count
+    depend on it). A sharded (FSDP) checkpoint resumes on any number of processes; any other
+    only on the number that wrote it."""
+    state = json.loads((checkpoint / "state.json").read_text())
+    world, now = state.get("world", 1), (dist or Dist()).world
+    if world != now and not is_sharded(checkpoint):
+        raise ConfigError(f"{checkpoint} was saved by {world} process(es) without FSDP; resume it with the "
+                          f"same number (only train.distributed=fsdp checkpoints reshard)")  # fmt: skip
+    return int(state.get("global_batch") or batch_size(config) * world)
 
 
 def train_step(loop: Loop, train: list[dict[str, Any]], group: list[list[int]]) -> tuple[float, torch.Tensor]:
@@ -345,7 +407,15 @@ def train_step(loop: Loop, train: list[dict[str, Any]], group: list[list[int]]) 
     the loss units of the whole global step and this process's summed loss."""
     # Normalise by the examples (or tokens) of the whole accumulated global step, so that
     # accumulation 4 x batch 1, or 2 processes x batch 8, give the same update as one batch of 16.
-    mine = [idx for idx in (share(idx, loop.dist) for idx in group) if idx]
+    # a share larger than train.batch_size (a run resumed on fewer processes than it began
+    # with) runs as several micro-batches: the sums, and so the update, are the same
+    size = loop.micro_batch
+    # (a stream's micro-batches hold this process's own rows already)
+    shares = [idx if loop.stream else share(idx, loop.dist) for idx in group]
+    mine = [part for idx in shares for s in range(0, len(idx), size) if (part := idx[s : s + size])]
+    if loop.micro_tokens:  # the memory plan's token budget: smaller micro-batches, the same sums
+        budget, multiple = loop.micro_tokens, loop.task.pad_multiple
+        mine = [part for idx in mine for part in token_batches(idx, train, budget, multiple)]
     collated = [loop.task.collate([train[i] for i in idx], loop.pad_id) for idx in mine]
     units = all_reduce_sum([float(sum(loop.task.units(b) for b in collated))], loop.dist)[0]
     total: Any = 0.0
@@ -367,6 +437,23 @@ def train_step(loop: Loop, train: list[dict[str, Any]], group: list[list[int]]) 
     loop.schedule.step()
     loop.optimizer.zero_grad(set_to_none=True)
     return units, total
+
+
+def token_batches(
+    indices: list[int], train: list[dict[str, Any]], budget: int, multiple: int
+) -> list[list[int]]:
+    """`indices` cut into micro-batches whose rows x padded length stays within `budget` tokens
+    (a row longer than the budget runs alone), longest rows first, so that each holds rows of
+    similar length."""
+    parts: list[list[int]] = []
+    for i in sorted(indices, key=lambda i: -len(train[i]["input_ids"])):
+        # sorted longest first: a part's padded length is that of its first row
+        longest = padded_length(len(train[parts[-1][0]]["input_ids"]), multiple) if parts else 0
+        if parts and (len(parts[-1]) + 1) * longest <= budget:
+            parts[-1].append(i)
+        else:
+            parts.append([i])
+    return parts
 
 
 def count_step(state: FitResult, window: Window, group: list[list[int]], lengths: list[int], units: float,
@@ -415,6 +502,7 @@ def evaluate(loop: Loop, state: FitResult, validation: list[dict[str, Any]], epo
         outputs = task.outputs(
             loop.model, validation, loop.pad_id, tc.eval_batch_size, loop.device, loop.dtype
         )
+        reshard(loop.model)  # the best weights below, and the checkpoints, keep shards, not whole tensors
     if validation and loop.dist.is_main:
         scores = task.metrics(outputs, validation)
         if loop.metric not in scores:  # (the config checks the names it can; this is the backstop)
@@ -444,31 +532,34 @@ def evaluate(loop: Loop, state: FitResult, validation: list[dict[str, Any]], epo
 
 
 def save_checkpoint(loop: Loop, state: FitResult) -> Path | None:
-    """A resumable checkpoint (rank 0 writes it; under FSDP every process gathers); its folder."""
+    """A resumable checkpoint; its folder (on rank 0). Under `train.distributed=fsdp` (with any
+    number of processes) every process writes its own shards, with nothing gathered; otherwise
+    rank 0 writes the whole trainable weights."""
     if loop.checkpoint_dir is None:
         return None
-    if loop.fsdp:  # gather the shards: every process takes part
-        model_state, optimizer_state = full_state(loop.model, loop.optimizer)
-        names = {n for n, p in loop.model.named_parameters() if p.requires_grad}
-        weights = {n: t for n, t in model_state.items() if n in names}
-        best = gather_tensors(loop.best_state) if loop.best_state is not None else None
-    else:
-        weights = {n: p for n, p in loop.model.named_parameters() if p.requires_grad}
-        optimizer_state, best = loop.optimizer.state_dict(), loop.best_state
-    if not loop.dist.is_main:
+    sharded = loop.config.train.distributed == "fsdp"
+    stream = loop.stream.state_dict() if loop.stream is not None else None  # every process: it gathers
+    if not (sharded or loop.dist.is_main):
         return None
     saved = {
         "result": dataclasses.asdict(state),
         "world": loop.dist.world,
         "distributed": loop.config.train.distributed,
+        "global_batch": loop.global_batch,
+        **({"stream": stream} if stream is not None else {}),
     }
+    keep = loop.config.train.keep_checkpoints
     # the data-order RNG is saved as it was at the start of the epoch: resuming replays that
     # epoch's batch order and skips the steps already done
     current = loop.rng.getstate()
     loop.rng.setstate(loop.epoch_rng_state if state.step_in_epoch else current)
     try:
-        return write_checkpoint(loop.checkpoint_dir, weights, optimizer_state, loop.schedule, loop.scaler, saved,
-                                loop.rng, best, loop.config.train.keep_checkpoints)  # fmt: skip
+        if sharded:
+            return save_sharded_checkpoint(loop.checkpoint_dir, loop.model, loop.optimizer, loop.schedule,
+                                           loop.scaler, saved, loop.rng, loop.best_state, keep, loop.dist)  # fmt: skip
+        weights: dict[str, torch.Tensor] = {n: p for n, p in loop.model.named_parameters() if p.requires_grad}
+        return write_checkpoint(loop.checkpoint_dir, weights, loop.optimizer.state_dict(), loop.schedule,
+                                loop.scaler, saved, loop.rng, loop.best_state, keep)  # fmt: skip
     finally:
         loop.rng.setstate(current)
 

@@ -41,9 +41,20 @@ from tunelab.console import say
 from tunelab.data import is_missing, read_table, refuse_blank_rows, require_columns
 from tunelab.datacheck import check_data
 from tunelab.device import peak_rss_mb, pick_device, precision_used, resolve_precision
-from tunelab.dist import device_for, full_state, init_distributed, shutdown
+from tunelab.dist import (
+    Dist,
+    broadcast_object,
+    device_for,
+    full_state,
+    init_distributed,
+    restart_caveat,
+    restart_count,
+    shutdown,
+    torchrun_job,
+)
 from tunelab.errors import ConfigError, Interrupted, TunelabError
 from tunelab.loop import fit
+from tunelab.memory import plan_memory, set_checkpointing
 from tunelab.methods import METHODS, plain_weights
 from tunelab.methods.common import merge_checked
 from tunelab.models import (
@@ -56,9 +67,12 @@ from tunelab.models import (
     resolves_plain,
 )
 from tunelab.outputs import check_replaceable, check_writable, is_run, mark_run, move_into_place, write_error
+from tunelab.stream import StreamSource, stream_splits
 from tunelab.tasks import TASKS
 from tunelab.tasks.generative import write_samples
 from tunelab.trackers import Trackers
+
+CHECK_ROWS = 100_000  # rows per file the data check at the start of `train` reads (all: `data check`)
 
 
 def seed_everything(seed: int) -> None:
@@ -107,6 +121,7 @@ def environment(
         "git_commit": commit,
         "command": sys.argv,
         "pid": os.getpid(),  # the training process: `tunelab studio` tells a live run by it, and stops it
+        "torchrun_job": torchrun_job(),  # a restarted job knows its own unfinished run by it (`start_point`)
         "speed": speed_report,
     }
 
@@ -130,7 +145,8 @@ def check_merge(
     examples: proof that the saved artifact merges correctly."""
     method = METHODS[config.method]
     model = method.load(config, task, model_dir)
-    batch = task.probe_batch(examples[:32], tokenizer.pad_token_id)
+    device = next(model.parameters()).device  # the CPU, or the GPU a 4-bit base (QLoRA) is loaded onto
+    batch = {k: v.to(device) for k, v in task.probe_batch(examples[:32], tokenizer.pad_token_id).items()}
     _, difference = merge_checked(method, model, batch)
     return {"max_abs_diff": difference, "examples": len(examples[:32])}
 
@@ -291,6 +307,68 @@ def resume_point(config: Config, out: Path, resume: bool, overwrite: bool) -> tu
     return saved, latest
 
 
+def continues_job(folder: Path) -> bool:
+    """Whether this process belongs to the torchrun job that started the run at `folder` (its
+    env.json records the job's rendezvous id): torchrun restarted the processes after one died
+    (`--max-restarts`), or the job was launched again under its own `--rdzv-id` (a requeued
+    job). A job without an id of its own (static rendezvous: "none") is known only after a restart."""
+    job = torchrun_job()
+    if not job or not (folder / "env.json").is_file():
+        return False
+    try:
+        recorded = json.loads((folder / "env.json").read_text()).get("torchrun_job")
+    except ValueError:  # cut short: env.json is written whole, so only a foreign file
+        return False
+    return recorded == job and (job != "none" or restart_count() > 0)
+
+
+def start_point(config: Config, out: Path, resume: bool, overwrite: bool) -> tuple[Config, Path | None, bool]:
+    """Where training starts: (the config to use, the checkpoint to resume from or None, whether
+    the run is already finished at `out`). A torchrun job that started the unfinished run itself
+    (`continues_job`: restarted after a process died) continues it, from its latest checkpoint
+    as --resume would, or from the start when it had none yet, whatever the command says about
+    resuming or overwriting; everything else is `resume_point`'s to decide.
+
+    Raises TunelabError as `resume_point` does, and when the job's run was started with other settings."""
+    partial = partial_dir(out)
+    if continues_job(partial):
+        latest = latest_checkpoint(partial / "checkpoints")
+        saved = load_config(partial / "config.yaml")  # written before env.json
+        if not _same_settings(saved, config):
+            raise TunelabError(f"the unfinished run at {partial} was started by this torchrun job with other "
+                               f"settings ({partial / 'config.yaml'}); use another output_dir or --rdzv-id")  # fmt: skip
+        saved.train.progress_bar = config.train.progress_bar
+        say(f"torchrun job {torchrun_job()} (restart {restart_count()}): continuing its unfinished run "
+            + (f"from {latest.name}" if latest else "from the start (it had no checkpoint yet)"))  # fmt: skip
+        return (saved, latest, False) if latest else (config, None, False)
+    if continues_job(out) and not partial.exists():
+        say(f"torchrun job {torchrun_job()} (restart {restart_count()}): its run had finished: {out}")
+        return config, None, True
+    return (*resume_point(config, out, resume, overwrite), False)
+
+
+def agreed_start(config: Config, out: Path, resume: bool, overwrite: bool,
+                 dist: Dist) -> tuple[Config, Path | None, bool]:  # fmt: skip
+    """`start_point` as rank 0 sees it, on every process: processes that saw another output_dir
+    (another node without a shared filesystem, or a moment later) would otherwise start from
+    other steps. Rank 0's refusal is every process's."""
+    decided: tuple[Config, Path | None, bool] | TunelabError
+    try:
+        decided = start_point(config, out, resume, overwrite) if dist.is_main else (config, None, False)
+    except TunelabError as e:
+        if not dist.active:
+            raise
+        decided = e
+    decided = broadcast_object(decided, dist)
+    if isinstance(decided, TunelabError):
+        raise decided
+    checkpoint = decided[1]
+    if checkpoint is not None and not checkpoint.is_dir():
+        raise TunelabError(f"process {dist.rank} cannot read the checkpoint {checkpoint} that rank 0 resumes "
+                           f"from: output_dir must be on a filesystem every node shares, at the same path")  # fmt: skip
+    return decided
+
+
 def recover_finished(config: Config, out: Path, resume: bool, overwrite: bool) -> Run | None:
     """A run stopped after its last file (eval.json) was written but before its folder was
     renamed into place is complete: with --resume (or train.resume=auto and the same settings)
@@ -358,7 +436,8 @@ def load_inputs(config: Config) -> tuple[str, Any, Any, Any]:
     check_positions(config, model_path)
     tokenizer = load_tokenizer(model_path)
     task = TASKS[config.task](config)
-    splits = task.load_splits(tokenizer)
+    # data.streaming: only validation and test are read here; StreamSource reads the train file as it trains
+    splits = stream_splits(task, tokenizer) if config.data.streaming else task.load_splits(tokenizer)
     config.data.labels = list(task.labels) if task.labels and config.task != "regression" else None
     return model_path, tokenizer, task, splits
 
@@ -409,16 +488,12 @@ def build_model(config: Config, task: Any, method: Any, model_path: str, tokeniz
     model = task.build_model(model_path)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    if config.train.gradient_checkpointing:
+    if config.train.gradient_checkpointing is True:  # (`auto`: the memory plan decides, after this)
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise ConfigError(
                 f"train.gradient_checkpointing: {type(model).__name__} does not support it; turn it off"
             )
-        # non-reentrant: gradients reach adapters even when the embeddings are frozen
-        if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_checkpointing(model, True)
     model = method.apply(model, config, task)
     speed.apply(model, task, cpu=not torch.cuda.is_available(), enabled=config.train.fast_kernels)
     return model
@@ -449,19 +524,28 @@ def train_in_process(config: Config, resume: bool, overwrite: bool) -> Run:
     assert config.output_dir is not None  # run_config fills it in
     out = Path(config.output_dir)
     dist = init_distributed()
-    finished = None if dist.active else recover_finished(config, out, resume, overwrite)
+    # a job restarted by torchrun finishes its own run as --resume would
+    finished = None if dist.active else recover_finished(config, out, resume or continues_job(partial_dir(out)),
+                                                         overwrite)  # fmt: skip
     if finished is not None:
         return finished
-    config, checkpoint = resume_point(config, out, resume, overwrite)
+    config, checkpoint, done = agreed_start(config, out, resume, overwrite, dist)
+    if done:
+        shutdown(dist)
+        return Run.load(out)
+    caveat = restart_caveat()
+    if caveat and dist.is_main:
+        say(f"warning: {caveat}")
     model_path, tokenizer, task, splits = load_inputs(config)
     method = METHODS[config.method]
     lr = config.train.learning_rate or method.DEFAULT_LR
     speak = say if dist.is_main else (lambda message: None)
-    speak(f"data: {len(splits.train)} train, {len(splits.validation)} validation"
-          + (f", {len(splits.test)} test" if splits.test else "")
+    stream = StreamSource(config, task, tokenizer, dist) if config.data.streaming else None
+    speak((f"data: streaming {config.data.train}" if stream else f"data: {len(splits.train)} train")
+          + f", {len(splits.validation)} validation" + (f", {len(splits.test)} test" if splits.test else "")
           + (f"; labels: {', '.join(task.labels)}" if config.data.labels else ""))  # fmt: skip
-    if config.data.check and dist.is_main:
-        for line in check_data(config, tokenizer, task, splits).short_lines():
+    if config.data.check and dist.is_main and stream is None:  # (the check reads the whole train file)
+        for line in check_data(config, tokenizer, task, splits, max_rows=CHECK_ROWS).short_lines():
             say(line)
 
     model = build_model(config, task, method, model_path, tokenizer)
@@ -474,13 +558,18 @@ def train_in_process(config: Config, resume: bool, overwrite: bool) -> Run:
 
     tmp = partial_dir(out)
     device = device_for(dist) if dist.active else pick_device()
+    # gradient checkpointing and micro-batches that fit train.memory_limit_mb (generative tasks)
+    # (with data.streaming, whose train rows are not read yet, validation's rows stand in for them)
+    plan = plan_memory(model, task, splits.train or splits.validation, config, tokenizer.pad_token_id, device,
+                       resolve_precision(config.train.precision, device))  # fmt: skip
+    speak(plan.line())
     if dist.is_main:
         tmp.mkdir(parents=True, exist_ok=True)
         (tmp / "eval.json").unlink(missing_ok=True)  # present only once the run is complete
         mark_run(tmp)
         save_config(config, tmp / "config.yaml")
         env = environment(config, device, splits.files, speed.report_for(model).as_dict())
-        write_json(tmp / "env.json", env)
+        write_json(tmp / "env.json", {**env, "memory": plan.as_dict()})
     counters = json.loads((checkpoint / "state.json").read_text())["result"] if checkpoint else {}
     done, logged = counters.get("steps", 0), counters.get("logged")
     trackers = Trackers(config, tmp, done, enabled=dist.is_main)  # train.report_to, on rank 0
@@ -490,7 +579,8 @@ def train_in_process(config: Config, resume: bool, overwrite: bool) -> Run:
             metrics_log(tmp / "metrics.jsonl", done, dist.is_main, trackers, logged) as log,
         ):
             result = fit(model, task, splits.train, splits.validation, config, lr, tokenizer.pad_token_id, log,
-                         device, checkpoint_dir=tmp / "checkpoints", resume_from=checkpoint, dist=dist)  # fmt: skip
+                         device, checkpoint_dir=tmp / "checkpoints", resume_from=checkpoint, dist=dist,
+                         micro_batch_tokens=plan.micro_batch_tokens, stream=stream)  # fmt: skip
     except Interrupted as e:
         trackers.finish(tmp, None, "KILLED")
         shutdown(dist)
@@ -575,6 +665,9 @@ def finish_run(config: Config, task: Any, method: Any, model: torch.nn.Module, t
                result: Any, lr: float, tmp: Path, out: Path) -> Run:  # fmt: skip
     """Evaluate the best model, save it and the report, and move the run into place."""
     rss = peak_rss_mb()
+    # on a GPU also its high-water mark of allocated tensors (this process's: rank 0's under torchrun)
+    cuda = torch.cuda.is_available()
+    gpu = {"peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)} if cuda else {}
     trainable, total = count_params(model)
     run = Run(tmp, config, task, model, tokenizer)
     report: dict[str, Any] = {}
@@ -604,7 +697,8 @@ def finish_run(config: Config, task: Any, method: Any, model: torch.nn.Module, t
             }  # fmt: skip
             del base
     report["train"] = {**result.summary(), "peak_rss_mb": round(rss, 1), "trainable_params": trainable,
-                       "total_params": total, "learning_rate": lr, "train_examples": len(splits.train)}  # fmt: skip
+                       "total_params": total, "learning_rate": lr, "train_examples": None if config.data.streaming else len(splits.train),
+                       **gpu}  # fmt: skip
     env = json.loads((tmp / "env.json").read_text())  # with the cache's outcome and the encoder's paths
     write_json(tmp / "env.json", {**env, "speed": speed.report_for(model).as_dict()})
     speed.undo(model)

@@ -4,6 +4,10 @@ with the DoRA (Liu et al., 2024) and rsLoRA (Kalajdzievski, 2023) variants.
 The frozen base gains trainable low-rank updates on its linear layers; the task head (and,
 for BERT-style encoders, the pooler) trains in full and is saved inside the PEFT adapter
 folder as `modules_to_save`, so `PeftModel.from_pretrained(base, run/model)` restores it.
+
+With `lora.quantize=4bit` (QLoRA, Dettmers et al., 2023) the task loads the frozen base in 4-bit
+NF4 through bitsandbytes (`TaskBase.pretrained_options`), and peft's
+`prepare_model_for_kbit_training` readies it before the adapters go on. CUDA only.
 """
 
 from __future__ import annotations
@@ -35,6 +39,14 @@ def peft_config(model: nn.Module, config: Any, task: Any) -> Any:
 
 
 def apply(model: nn.Module, config: Any, task: Any) -> nn.Module:
+    if getattr(model, "is_loaded_in_4bit", False):  # lora.quantize=4bit: the task loaded the base in NF4
+        from peft import prepare_model_for_kbit_training
+
+        # norms and the head in float32, input gradients on (the frozen embeddings give none)
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=config.train.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )  # fmt: skip
     return peft_apply(model, task, peft_config(model, config, task))
 
 

@@ -33,14 +33,21 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 class LowPrecisionCopies:
     """Tensors cast to another dtype once, and cast again only when the tensor changes (its
-    storage or its version counter: an optimizer step or a load bumps it)."""
+    storage or its version counter: an optimizer step or a load bumps it). With `keep` off
+    (the memory plan's choice where the copies do not fit), cast on every call, as autocast does."""
 
     def __init__(self) -> None:
         self.copies: dict[int, tuple[tuple[int, int, torch.dtype], torch.Tensor]] = {}
+        self.keep = True
+
+    def held_bytes(self) -> int:
+        return sum(t.untyped_storage().nbytes() for _, t in self.copies.values())
 
     def get(self, slot: int, tensor: torch.Tensor | None, dtype: torch.dtype) -> Any:
         if tensor is None or tensor.dtype == dtype:
             return tensor
+        if not self.keep:
+            return tensor.detach().to(dtype)
         key = (tensor.data_ptr(), tensor._version, dtype)
         cached = self.copies.get(slot)
         if cached is None or cached[0] != key:

@@ -117,6 +117,19 @@ class TaskBase:
         """The pretrained model at `path` with this task's head (each task defines it)."""
         raise NotImplementedError
 
+    def pretrained_options(self) -> dict[str, Any]:
+        """What `build_model` adds to `from_pretrained`: with `lora.quantize=4bit` (QLoRA, CUDA
+        only: the config refuses it elsewhere), the base in 4-bit NF4 with double quantization,
+        computing in bf16 (fp16 on GPUs without bf16), on this process's GPU."""
+        if self.config.lora.quantize != "4bit":
+            return {}
+        from transformers import BitsAndBytesConfig  # (transformers loads slowly; bitsandbytes is optional)
+
+        compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)  # fmt: skip
+        return {"quantization_config": quantization, "device_map": {"": torch.cuda.current_device()}}
+
     def base_model(self) -> torch.nn.Module:
         """The un-tuned pretrained model with this task's head, for the baseline rows of the report."""
         return self.build_model(resolve_model(self.config.model))

@@ -317,7 +317,7 @@ class CausalLMTask(GenerativeTask):
     def build_model(self, path: str) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(path)
+        return AutoModelForCausalLM.from_pretrained(path, **self.pretrained_options())
 
     def collate(self, examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
         """Right-padded rows without an attention mask: causal attention never looks ahead, so

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Hashable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ from tunelab.config import Config, max_length
 from tunelab.data import Table, is_missing, read_table, require_columns, shots, shown, shown_list
 from tunelab.errors import DataError
 from tunelab.metrics import classification_metrics, multilabel_metrics
+from tunelab.tasks.arrow_splits import cached_classification_splits
 from tunelab.tasks.base import Splits, TaskBase, collate_tokens, encode_splits, encode_texts, split_tables
 
 
@@ -94,9 +96,16 @@ class ClassificationTask(TaskBase):
     def read(self, path: str, need_labels: bool = True) -> Table:
         """Read and check a file: columns exist, texts non-empty, labels present."""
         table = read_table(path, self.config.data.format)
+        self.check(table, need_labels)
+        return table
+
+    def check(self, table: Table, need_labels: bool = True) -> list[list[str]]:
+        """Check a table (a whole file, or a chunk of one): columns exist, texts non-empty,
+        labels present; returns each row's label names (none without `need_labels`)."""
         keys = self._column_keys()
         require_columns(table, [c for c in keys if need_labels or c in self._text_columns()], keys,
                         self.column_flags)  # fmt: skip
+        names = []
         for i, row in enumerate(table.rows):
             for column in self._text_columns():
                 if is_missing(row.get(column)):
@@ -104,8 +113,8 @@ class ClassificationTask(TaskBase):
                         f"{table.where(i)}: column '{column}' is empty; fill in the text or remove the row"
                     )
             if need_labels:
-                self.row_labels(table, i)  # raises on a missing or malformed label
-        return table
+                names.append(self.row_labels(table, i))  # raises on a missing or malformed label
+        return names
 
     def row_labels(self, table: Table, i: int) -> list[str]:
         """The label names of row i: one for single-label, any number for multi-label."""
@@ -184,21 +193,7 @@ class ClassificationTask(TaskBase):
             raise DataError("no training data: set data.train=<file> (CSV, TSV, JSON, JSONL or Parquet)")
         self.labels_from = "train" if self.labels is None else "data.labels"
         train = self.read(d.train)
-        train_labels = self._all_labels(train)
-        if self.labels is None:
-            self.labels = list(d.label_columns) if d.label_columns else sort_labels(
-                {name for names in train_labels for name in names})  # fmt: skip
-            if self.name == "classification" and not d.label_columns and looks_numeric(self.labels):
-                raise DataError(
-                    f"{train.path}: column '{d.label_column}' has {len(self.labels)} distinct numbers "
-                    f"({shown_list(self.labels[:3])}, ...): for a numeric target set task=regression "
-                    f"(to keep them as classes, list them in data.labels)"
-                )
-        if len(self.labels) < 2 and not self.multi_label and self.name == "classification":
-            raise DataError(
-                f"{train.path}: column '{d.label_column}' has only one label "
-                f"({shown(self.labels[0])}); classification needs at least two"
-            )
+        self.fix_labels(train.path, {name for names in self._all_labels(train) for name in names})
 
         def few_shot(table: Table) -> Table:
             if not d.shots_per_class:
@@ -207,9 +202,41 @@ class ClassificationTask(TaskBase):
 
         return split_tables(self, train, self.strata(train), few_shot)
 
+    def fix_labels(self, path: Path, seen: set[str]) -> None:
+        """Fix the label set from the names `seen` in the training file `path`, unless data.labels
+        gave it; refuse numbers that look like a regression target, and a single class."""
+        d = self.config.data
+        if self.labels is None:
+            self.labels = list(d.label_columns) if d.label_columns else sort_labels(seen)
+            if self.name == "classification" and not d.label_columns and looks_numeric(self.labels):
+                raise DataError(
+                    f"{path}: column '{d.label_column}' has {len(self.labels)} distinct numbers "
+                    f"({shown_list(self.labels[:3])}, ...): for a numeric target set task=regression "
+                    f"(to keep them as classes, list them in data.labels)"
+                )
+        if len(self.labels) < 2 and not self.multi_label and self.name == "classification":
+            raise DataError(
+                f"{path}: column '{d.label_column}' has only one label "
+                f"({shown(self.labels[0])}); classification needs at least two"
+            )
+
     def load_splits(self, tokenizer: Any) -> Splits:
-        """Read train/validation/test per the config, fix the label set, tokenize."""
+        """Read train/validation/test per the config, fix the label set, tokenize. With
+        `data.cache` (the default), the encoded splits come from (or go to) the Arrow cache and
+        the files are read in chunks (`arrow_splits`)."""
+        if self.config.data.cache:
+            return cached_classification_splits(self, tokenizer)
         return encode_splits(self, self.load_tables(), tokenizer, self.augment)
+
+    def label_of(self, names: list[str]) -> Any:
+        """The encoded label of a row's label names (all known): an id, or a multi-hot vector."""
+        assert self.labels is not None
+        if not self.multi_label:
+            return self.labels.index(names[0])
+        vector = [0.0] * len(self.labels)
+        for name in names:
+            vector[self.labels.index(name)] = 1.0
+        return vector
 
     def strata(self, table: Table) -> list[Hashable]:
         """What splits and few-shot sampling keep balanced: each row's label set."""
@@ -247,6 +274,7 @@ class ClassificationTask(TaskBase):
             id2label=dict(enumerate(labels)),
             label2id={name: i for i, name in enumerate(labels)},
             problem_type="multi_label_classification" if self.multi_label else "single_label_classification",
+            **self.pretrained_options(),
         )
 
     @property

@@ -237,7 +237,7 @@ class MaskedLMTask(TaskBase):
     def build_model(self, path: str) -> torch.nn.Module:
         from transformers import AutoModelForMaskedLM
 
-        return AutoModelForMaskedLM.from_pretrained(path)
+        return AutoModelForMaskedLM.from_pretrained(path, **self.pretrained_options())
 
     def collate(self, examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
         """Padded rows; training rows are masked here (new masks at every call), evaluation

@@ -275,7 +275,7 @@ class QuestionAnsweringTask(TaskBase):
     def build_model(self, path: str) -> torch.nn.Module:
         from transformers import AutoModelForQuestionAnswering
 
-        return AutoModelForQuestionAnswering.from_pretrained(path)
+        return AutoModelForQuestionAnswering.from_pretrained(path, **self.pretrained_options())
 
     def collate(self, examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
         keys = ("input_ids", "token_type_ids", "labels")

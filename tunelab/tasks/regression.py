@@ -47,6 +47,9 @@ class RegressionTask(ClassificationTask):
     def label_ids(self, table: Table) -> list[Any]:
         return [float(self.row_labels(table, i)[0]) for i in range(len(table))]
 
+    def label_of(self, names: list[str]) -> Any:
+        return float(names[0])
+
     def strata(self, table: Table) -> list[Hashable]:
         """No classes here: splits keep the share of each value quintile instead."""
         values = np.array(self.label_ids(table))
@@ -57,7 +60,7 @@ class RegressionTask(ClassificationTask):
         from transformers import AutoModelForSequenceClassification
 
         return AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, problem_type="regression"
+            path, num_labels=1, problem_type="regression", **self.pretrained_options()
         )
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

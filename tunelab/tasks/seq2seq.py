@@ -81,7 +81,7 @@ class Seq2SeqTask(GenerativeTask):
     def build_model(self, path: str) -> torch.nn.Module:
         from transformers import AutoModelForSeq2SeqLM
 
-        model = AutoModelForSeq2SeqLM.from_pretrained(path)
+        model = AutoModelForSeq2SeqLM.from_pretrained(path, **self.pretrained_options())
         start = model.config.decoder_start_token_id
         if start is None:
             raise ConfigError(f"{path}: the model config has no decoder_start_token_id; seq2seq needs one")

@@ -182,7 +182,7 @@ class TokenClassificationTask(TaskBase):
         labels = self.labels or []
         return AutoModelForTokenClassification.from_pretrained(
             path, num_labels=len(labels), id2label=dict(enumerate(labels)),
-            label2id={name: i for i, name in enumerate(labels)},
+            label2id={name: i for i, name in enumerate(labels)}, **self.pretrained_options(),
         )  # fmt: skip
 
     @staticmethod

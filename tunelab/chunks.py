@@ -1,0 +1,162 @@
+"""Reading a data file in chunks of rows, so that a million-row file never becomes a million
+Python dicts at once.
+
+`iter_tables` yields the file as a sequence of small `Table`s (the same rows, cells, positions
+and errors as `data.read_table`, which reads the whole file): CSV and TSV through the `csv`
+module, JSONL line by line, Parquet by pyarrow's record batches; a JSON list is read whole
+(its parser has no streaming form) and cut into chunks. The tokenized-splits cache
+(`tasks/arrow_splits.py`) validates and tokenizes one chunk at a time.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from tunelab.data import (
+    Table,
+    _check_header,
+    _columns,
+    _duplicate,
+    _DuplicateKey,
+    _unique_keys,
+    detect_format,
+    not_utf8,
+    read_table,
+    shown_list,
+)
+from tunelab.errors import DataError
+
+CHUNK_ROWS = 8192  # rows per chunk: large enough for fast tokenizer batches, small in memory
+
+CHUNKED_FORMATS = ("csv", "tsv", "jsonl", "parquet")
+
+
+def iter_tables(path: str | Path, fmt: str = "auto", chunk_rows: int | None = None) -> Iterator[Table]:
+    """The rows of a data file as consecutive `Table`s of at most `chunk_rows` rows (default
+    `CHUNK_ROWS`; blank rows skipped, as `read_table` skips them). Every chunk carries the file's
+    columns (JSONL: those of its first 1000 rows, so its first chunk holds at least 1000).
+
+    Raises:
+        DataError: as `read_table` does: the file is missing, empty, malformed (with the line
+            number) or has no data rows.
+    """
+    path = Path(path)
+    chunk_rows = chunk_rows or CHUNK_ROWS
+    if not path.is_file() or path.stat().st_size == 0:
+        yield from _whole(read_table(path, fmt), chunk_rows)  # read_table says what is wrong
+        return
+    fmt = detect_format(path, fmt)
+    if fmt not in CHUNKED_FORMATS:
+        yield from _whole(read_table(path, fmt), chunk_rows)
+        return
+    chunks = {"csv": _delimited, "tsv": _delimited, "jsonl": _jsonl, "parquet": _parquet}[fmt]
+    empty = True
+    for table in chunks(path, fmt, chunk_rows):
+        if len(table):
+            empty = False
+            yield table
+    if empty:
+        raise DataError(f"{path}: the file has no data rows")
+
+
+def _whole(table: Table, chunk_rows: int) -> Iterator[Table]:
+    for start in range(0, len(table), chunk_rows):
+        yield table.subset(list(range(start, min(start + chunk_rows, len(table)))))
+
+
+def _delimited(path: Path, fmt: str, chunk_rows: int) -> Iterator[Table]:
+    """`data._read_delimited`, one chunk at a time (the same messages)."""
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if fmt == "tsv" else csv.reader(f)
+        try:
+            header = next(reader, None)
+            if not header or not any(h.strip() for h in header):
+                raise DataError(f"{path}: the first line must be a header naming the columns")
+            header = [h.strip() for h in header]
+            _check_header(path, header)
+            rows: list[dict[str, Any]] = []
+            lines: list[str] = []
+            end = reader.line_num  # a quoted CSV field may span lines: a record is lines first..end
+            for record in reader:
+                first, end = end + 1, reader.line_num
+                if not record or (len(record) == 1 and not record[0].strip()):
+                    continue
+                if len(record) != len(header):
+                    if end > first:
+                        fix = f"the row runs on to line {end}: check for an unclosed quote on line {first}"
+                    elif fmt == "csv":
+                        fix = "quote fields that contain commas"
+                    else:
+                        fix = "a TSV field may not contain a tab"
+                    raise DataError(
+                        f"{path}:{first}: expected {len(header)} fields "
+                        f"({shown_list(header)}), found {len(record)}; {fix}"
+                    )
+                rows.append(dict(zip(header, record)))
+                lines.append(f"line {first}")
+                if len(rows) == chunk_rows:
+                    yield Table(path, rows, lines, header)
+                    rows, lines = [], []
+            yield Table(path, rows, lines, header)
+        except csv.Error as e:
+            raise DataError(f"{path}:{reader.line_num}: malformed {fmt.upper()} ({e})") from None
+        except UnicodeDecodeError:
+            raise not_utf8(path) from None
+
+
+def _jsonl(path: Path, fmt: str, chunk_rows: int) -> Iterator[Table]:
+    """`data._read_jsonl`, one chunk at a time; the columns are those of the first 1000 rows, as there."""
+    rows: list[dict[str, Any]] = []
+    lines: list[str] = []
+    columns: list[str] | None = None
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line, object_pairs_hook=_unique_keys)
+                except _DuplicateKey as e:
+                    raise _duplicate(f"{path}:{n}", e.key) from None
+                except RecursionError:
+                    raise DataError(f"{path}:{n}: JSON nested too deeply to read; flatten the row") from None
+                except json.JSONDecodeError as e:
+                    raise DataError(
+                        f"{path}:{n}:{e.colno}: not valid JSON ({e.msg}); each line must be one JSON object"
+                    ) from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+                rows.append(row)
+                lines.append(f"line {n}")
+                if len(rows) == max(chunk_rows, 1000 if columns is None else 0):
+                    columns = columns or _columns(rows)
+                    yield Table(path, rows, lines, columns)
+                    rows, lines = [], []
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
+    yield Table(path, rows, lines, columns or _columns(rows))
+
+
+def _parquet(path: Path, fmt: str, chunk_rows: int) -> Iterator[Table]:
+    """Parquet by record batches; positions are "row N" as `data._read_parquet` gives them."""
+    import pyarrow.parquet as pq
+
+    try:
+        file = pq.ParquetFile(path)
+        columns = list(file.schema_arrow.names)
+        batches = file.iter_batches(batch_size=max(chunk_rows, 1))
+        done = 0
+        for batch in batches:
+            rows = batch.to_pylist()
+            yield Table(path, rows, [f"row {done + i + 1}" for i in range(len(rows))], columns)
+            done += len(rows)
+    except DataError:
+        raise
+    except Exception as e:  # pyarrow raises several types for corrupt files
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
