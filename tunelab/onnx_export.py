@@ -135,7 +135,7 @@ def held_out(run: Any) -> tuple[str, str, list[dict[str, Any]]]:
             raise TunelabError(f"{path}: the run's {what} data is not there any more; the ONNX check "
                                f"scores the export on the held-out rows: put the file back")  # fmt: skip
         if path == d.train:  # no held-out file: the seeded share of train that training held out
-            return split, f"{path} (held-out share)", task.load_splits(run.tokenizer).validation
+            return split, f"{path} (held-out share)", list(task.load_splits(run.tokenizer).validation)
         return split, str(path), task.encode(sample(task.read(str(path)), d.max_eval_samples, run.config.seed),
                                              run.tokenizer)  # fmt: skip
     raise TunelabError("the run's config names no data file to check the export on")
