@@ -44,7 +44,7 @@ lint: install
 	$(VENV)/bin/lint-imports
 
 test: lint
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
