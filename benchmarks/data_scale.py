@@ -1,9 +1,12 @@
 #!/usr/bin/env python
 """Data at scale: classification CSVs of 100k, 500k and 2M rows, the first 200 steps of one
 epoch, today's in-memory path (data.cache=false, "before") against the Arrow token cache
-("after": its first run builds the cache, the second reuses it).
+("after": its first run builds the cache, the second reuses it; then the default settings, with
+the data check that reads a file's first 100k rows), and against `data.streaming` (with a
+1000-row validation file, since a stream holds nothing out).
 
     python benchmarks/data_scale.py [--rows 100000,500000,2000000] [--steps 200] [--workers 1]
+                                    [--modes "before;after, 1st run;..."]
 
 Each run is its own process (a child of this script), so its peak RSS (ru_maxrss from wait4)
 is its own. The model is a tiny random BERT built from a config (nothing downloads), so the
@@ -35,7 +38,14 @@ NEGATIVE = ["bad", "awful", "poor", "dull", "grim", "sad", "dark", "cold", "clum
 FILLER = ("the movie was very a film plot and it really so acting story scenes cast director music "
           "long short ending start middle character dialogue camera light sound script pace tone "
           "felt seemed looked became kept made gave took showed left quite rather too almost").split()  # fmt: skip
-MODES = [("before", "false"), ("after, 1st run", "true"), ("after, 2nd run", "true")]
+# each mode's own settings; the rest are the same for all (see main)
+MODES = {
+    "before": ["data.cache=false", "data.check=false"],
+    "after, 1st run": ["data.cache=true", "data.check=false"],
+    "after, 2nd run": ["data.cache=true", "data.check=false"],
+    "after, data check on": ["data.cache=true", "data.check=true"],  # the defaults: the check reads 100k rows
+    "streaming": ["data.streaming=true", "data.labels=[negative,positive]"],  # + a validation file
+}
 
 
 def write_model(folder: Path) -> Path:
@@ -117,23 +127,30 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--workers", type=int, default=1, help="data.num_workers of the cached runs")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--modes", default=";".join(MODES), help="';'-separated, of: " + "; ".join(MODES))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args.child)
     sizes = [int(n) for n in args.rows.split(",")]
+    modes = [m.strip() for m in args.modes.split(";")]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        parser.error(f"--modes: unknown {unknown}; choose from {list(MODES)}")
     results = []
     with tempfile.TemporaryDirectory(prefix="tunelab-data-scale-") as tmp:
         work = Path(tmp)
         env = {**os.environ, "TUNELAB_CACHE_DIR": str(work / "cache"), "HF_HUB_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
         model = write_model(work / "model")
+        validation = write_csv(work / "validation.csv", 1000, seed=1)  # streaming holds nothing out of train
         for rows in sizes:
             data = write_csv(work / f"train-{rows}.csv", rows)
             size_mb = data.stat().st_size / 2**20
-            for mode, cache in MODES:
+            for mode in modes:
+                own = MODES[mode] + ([f"data.validation={validation}"] if mode == "streaming" else [])
                 overrides = [f"model={model}", "task=classification", "method=full", f"data.train={data}",
-                             f"data.cache={cache}", f"data.num_workers={args.workers}", "data.check=false",
+                             *own, f"data.num_workers={args.workers}",
                              "data.max_eval_samples=1000", "data.max_length=64", f"train.max_steps={args.steps}",
                              "train.batch_size=32", "train.progress_bar=false", "train.precision=fp32",
                              f"train.num_threads={args.threads}", f"output_dir={work / 'run'}"]  # fmt: skip
@@ -156,7 +173,7 @@ def main() -> None:
     for r in results:
         print(f"| {r['rows']:,} | {r['mode']} | {r['first_step_s']:.1f} | {r['peak_rss_mb']:,.0f} | "
               f"{r['samples_per_s']:,.0f} |")  # fmt: skip
-    for mode, _ in MODES:
+    for mode in modes:
         by_rows = {r["rows"]: r["peak_rss_mb"] for r in results if r["mode"] == mode}
         if min(sizes) in by_rows and max(sizes) in by_rows and len(sizes) > 1:
             ratio = by_rows[max(sizes)] / by_rows[min(sizes)]
