@@ -11,7 +11,6 @@ module, JSONL line by line, Parquet by pyarrow's record batches; a JSON list is 
 from __future__ import annotations
 
 import csv
-import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,10 +20,8 @@ from tunelab.data import (
     Table,
     _check_header,
     _columns,
-    _duplicate,
-    _DuplicateKey,
-    _unique_keys,
     detect_format,
+    jsonl_row,
     not_utf8,
     read_table,
     shown_list,
@@ -120,19 +117,7 @@ def _jsonl(path: Path, fmt: str, chunk_rows: int) -> Iterator[Table]:
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
-                try:
-                    row = json.loads(line, object_pairs_hook=_unique_keys)
-                except _DuplicateKey as e:
-                    raise _duplicate(f"{path}:{n}", e.key) from None
-                except RecursionError:
-                    raise DataError(f"{path}:{n}: JSON nested too deeply to read; flatten the row") from None
-                except json.JSONDecodeError as e:
-                    raise DataError(
-                        f"{path}:{n}:{e.colno}: not valid JSON ({e.msg}); each line must be one JSON object"
-                    ) from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-                rows.append(row)
+                rows.append(jsonl_row(path, n, line))
                 lines.append(f"line {n}")
                 if len(rows) == max(chunk_rows, 1000 if columns is None else 0):
                     columns = columns or _columns(rows)

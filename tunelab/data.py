@@ -242,6 +242,23 @@ def _read_json(path: Path, fmt: str, keep_blank: bool = False) -> Table:
     return Table(path, data, [f"row {i + 1}" for i in range(len(data))], _columns(data))
 
 
+def jsonl_row(path: Path, n: int, line: str) -> dict[str, Any]:
+    """Line `n` of a JSONL file as its object, or a DataError naming the line (and column)."""
+    try:
+        row = json.loads(line, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise _duplicate(f"{path}:{n}", e.key) from None
+    except RecursionError:
+        raise DataError(f"{path}:{n}: JSON nested too deeply to read; flatten the row") from None
+    except json.JSONDecodeError as e:
+        raise DataError(
+            f"{path}:{n}:{e.colno}: not valid JSON ({e.msg}); each line must be one JSON object"
+        ) from None
+    if not isinstance(row, dict):
+        raise DataError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+    return row
+
+
 def _read_jsonl(path: Path, fmt: str, keep_blank: bool = False) -> Table:
     rows, lines = [], []
     try:
@@ -249,19 +266,7 @@ def _read_jsonl(path: Path, fmt: str, keep_blank: bool = False) -> Table:
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
-                try:
-                    row = json.loads(line, object_pairs_hook=_unique_keys)
-                except _DuplicateKey as e:
-                    raise _duplicate(f"{path}:{n}", e.key) from None
-                except RecursionError:
-                    raise DataError(f"{path}:{n}: JSON nested too deeply to read; flatten the row") from None
-                except json.JSONDecodeError as e:
-                    raise DataError(
-                        f"{path}:{n}:{e.colno}: not valid JSON ({e.msg}); each line must be one JSON object"
-                    ) from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-                rows.append(row)
+                rows.append(jsonl_row(path, n, line))
                 lines.append(f"line {n}")
     except UnicodeDecodeError:
         raise not_utf8(path) from None

@@ -17,7 +17,6 @@ complete, so a crash never leaves a half-written run where a finished one is exp
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import platform
@@ -70,6 +69,7 @@ from tunelab.outputs import check_replaceable, check_writable, is_run, mark_run,
 from tunelab.stream import StreamSource, stream_splits
 from tunelab.tasks import TASKS
 from tunelab.tasks.generative import write_samples
+from tunelab.token_cache import file_digest
 from tunelab.trackers import Trackers
 
 CHECK_ROWS = 100_000  # rows per file the data check at the start of `train` reads (all: `data check`)
@@ -79,14 +79,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def environment(
@@ -117,7 +109,7 @@ def environment(
         "threads": torch.get_num_threads(),
         "precision": precision_used(config.train.precision, device),
         "seed": config.seed,
-        "data_sha256": {split: sha256(path) for split, path in files.items()},
+        "data_sha256": {split: file_digest(path) for split, path in files.items()},
         "git_commit": commit,
         "command": sys.argv,
         "pid": os.getpid(),  # the training process: `tunelab studio` tells a live run by it, and stops it
