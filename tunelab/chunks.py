@@ -24,7 +24,7 @@ from tunelab.data import (
     jsonl_row,
     not_utf8,
     read_table,
-    shown_list,
+    wrong_fields,
 )
 from tunelab.errors import DataError
 
@@ -85,16 +85,7 @@ def _delimited(path: Path, fmt: str, chunk_rows: int) -> Iterator[Table]:
                 if not record or (len(record) == 1 and not record[0].strip()):
                     continue
                 if len(record) != len(header):
-                    if end > first:
-                        fix = f"the row runs on to line {end}: check for an unclosed quote on line {first}"
-                    elif fmt == "csv":
-                        fix = "quote fields that contain commas"
-                    else:
-                        fix = "a TSV field may not contain a tab"
-                    raise DataError(
-                        f"{path}:{first}: expected {len(header)} fields "
-                        f"({shown_list(header)}), found {len(record)}; {fix}"
-                    )
+                    raise wrong_fields(path, fmt, header, record, first, end)
                 rows.append(dict(zip(header, record)))
                 lines.append(f"line {first}")
                 if len(rows) == chunk_rows:

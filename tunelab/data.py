@@ -119,6 +119,21 @@ def _check_header(path: Path, header: list[str]) -> None:
         seen[name] = number
 
 
+def wrong_fields(
+    path: Path, fmt: str, header: list[str], record: list[str], first: int, end: int
+) -> DataError:
+    """The error for a CSV/TSV record (lines `first`..`end`) whose field count is not the header's."""
+    if end > first:
+        fix = f"the row runs on to line {end}: check for an unclosed quote on line {first}"
+    elif fmt == "csv":
+        fix = "quote fields that contain commas"
+    else:
+        fix = "a TSV field may not contain a tab"
+    return DataError(
+        f"{path}:{first}: expected {len(header)} fields ({shown_list(header)}), found {len(record)}; {fix}"
+    )
+
+
 def _read_delimited(path: Path, fmt: str, keep_blank: bool = False) -> Table:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     rows, lines = [], []
@@ -142,16 +157,7 @@ def _read_delimited(path: Path, fmt: str, keep_blank: bool = False) -> Table:
                         lines.append(f"line {first}")
                     continue
                 if len(record) != len(header):
-                    if end > first:
-                        fix = f"the row runs on to line {end}: check for an unclosed quote on line {first}"
-                    elif fmt == "csv":
-                        fix = "quote fields that contain commas"
-                    else:
-                        fix = "a TSV field may not contain a tab"
-                    raise DataError(
-                        f"{path}:{first}: expected {len(header)} fields "
-                        f"({shown_list(header)}), found {len(record)}; {fix}"
-                    )
+                    raise wrong_fields(path, fmt, header, record, first, end)
                 rows.append(dict(zip(header, record)))
                 lines.append(f"line {first}")
         except csv.Error as e:
