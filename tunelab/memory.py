@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 from tunelab.config import Config, batch_size
-from tunelab.device import autocast, to_device
+from tunelab.device import autocast, proc_mb, to_device
 from tunelab.errors import ConfigError
 from tunelab.tasks.base import Task, padded_length
 from tunelab.token_cache import row_lengths
@@ -137,25 +137,14 @@ class MemoryPlan:
 
 def rss_mb() -> float:
     """This process's resident memory now (`VmRSS`), MB; 0 where /proc does not say."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return 0.0
+    return proc_mb("/proc/self/status", "VmRSS") or 0.0
 
 
 def available_mb() -> float | None:
     """Memory the machine can give without swapping (`MemAvailable`), MB; None where unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
+    available = proc_mb("/proc/meminfo", "MemAvailable")
+    if available is not None:
+        return available
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**20
     except (ValueError, OSError, AttributeError):
