@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -166,3 +168,26 @@ def test_env_json_says_what_auto_precision_came_to(calibration_cache, monkeypatc
     assert used["calibration"]["file"] == str(calibration_cache / "cpu-precision.json")
     assert used["calibration"]["source"] == "measured" and used["calibration"]["rounds"] == 9
     assert device.precision_used("bf16", cpu) == {"setting": "bf16", "used": "bf16"}
+
+
+@pytest.mark.skipif(not Path("/proc/self/pagemap").exists(), reason="Linux's page map")
+def test_release_file_pages_hands_back_only_a_files_own_unwritten_pages(tmp_path):
+    """A tensor memory-mapped from a file (as safetensors weights are) leaves the process's
+    resident memory and reads back the same; a page written in place, or memory that is no
+    file's, is never released (unmapping it would lose what it holds)."""
+    values = np.arange(4 * 2**20, dtype=np.float32)  # 16 MB
+    path = tmp_path / "weights.bin"
+    values.tofile(path)
+    expected = torch.from_numpy(values.copy())
+    mapped = torch.from_numpy(np.memmap(path, dtype=np.float32, mode="c"))  # private, copy on write
+    assert torch.equal(mapped, expected)  # read: every page resident
+    before = device.proc_mb("/proc/self/status", "RssFile") or 0.0
+    assert device.release_file_pages([mapped]) > 15
+    assert before - (device.proc_mb("/proc/self/status", "RssFile") or 0.0) > 15
+    assert torch.equal(mapped, expected)  # read again, from the page cache
+    mapped[10] = -1.0  # one page now the process's own copy
+    assert device.release_file_pages([mapped]) == 0
+    assert mapped[10] == -1.0 and torch.equal(mapped[11:], expected[11:])
+    anonymous = torch.randn(2**20)
+    kept = anonymous.clone()
+    assert device.release_file_pages([anonymous]) == 0 and torch.equal(anonymous, kept)

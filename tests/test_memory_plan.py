@@ -87,21 +87,23 @@ def test_a_high_limit_changes_nothing_and_off_plans_nothing(built, measured):
     assert "no plan" in off.line()
 
 
-def test_lower_limits_bring_checkpointing_then_micro_batches(built, measured, remeasured):
+def test_lower_limits_bring_micro_batches_then_checkpointing(built, measured, remeasured):
+    """Micro-batches down to a quarter of the batch come first (they cost less than recomputing
+    every layer), then checkpointing; each choice's predicted peak is within the limit."""
     f, tokens = measured.footprint, measured.longest_batch_tokens
     row = tokens // 8
+    quarter = max(row, tokens // 4)
     assert f.peak(tokens, True) < f.peak(tokens, False)  # checkpointing keeps less
-    middle = (f.peak(tokens, True) + f.peak(tokens, False)) / 2
-    plan = planned(built, memory_limit_mb=middle)
-    assert plan.gradient_checkpointing and plan.micro_batch_tokens is None
-    assert plan.predicted_mb <= middle < plan.whole_batches_mb
-    low = f.peak(tokens // 2, True)
-    plan = planned(built, memory_limit_mb=low)
-    assert plan.gradient_checkpointing and row <= plan.micro_batch_tokens < tokens
-    assert plan.predicted_mb <= low
+    half = f.peak(tokens // 2, False)
+    plan = planned(built, memory_limit_mb=half)
+    assert not plan.gradient_checkpointing and quarter <= plan.micro_batch_tokens < tokens
+    assert plan.predicted_mb <= half < plan.whole_batches_mb
+    below_quarter = f.peak(quarter, False) - 0.01
+    plan = planned(built, memory_limit_mb=below_quarter)
+    assert plan.gradient_checkpointing and plan.predicted_mb <= below_quarter
     # checkpointing turned off by the user: micro-batches alone, smaller ones
-    plan = planned(built, memory_limit_mb=middle, gradient_checkpointing=False)
-    assert not plan.gradient_checkpointing and row <= plan.micro_batch_tokens < tokens
+    plan = planned(built, memory_limit_mb=below_quarter, gradient_checkpointing=False)
+    assert not plan.gradient_checkpointing and row <= plan.micro_batch_tokens < quarter
 
 
 def test_a_limit_below_the_leanest_plan_is_refused(built, measured, remeasured):
@@ -160,3 +162,26 @@ def test_weight_copies_are_given_up_last(built, measured, monkeypatch):
     plan = planned(built, memory_limit_mb=given.peak(row, True) - 1)
     assert plan.gradient_checkpointing and not plan.weight_copies
     assert plan.predicted_mb <= given.peak(row, True) - 1 and "no kept bf16 weight copies" in plan.line()
+
+
+def test_a_tight_limit_hands_freed_memory_back_after_every_step(setup, measured, tmp_path, monkeypatch):
+    """Where the predicted peak is within `TRIM_ROOM` of the limit, the allocator's kept memory
+    goes back after each optimizer step, so one step's batch shapes do not add to the next's;
+    with room to spare (or no plan), never: the pages would be faulted in again for nothing."""
+    import tunelab.loop
+
+    calls = {"n": 0}
+    monkeypatch.setattr(tunelab.loop, "trim", lambda: calls.__setitem__("n", calls["n"] + 1))
+    monkeypatch.setattr(memory, "footprint", lambda *args: dataclasses.replace(measured.footprint))
+    tight = round(measured.whole_batches_mb * 1.1, 3)
+    for limit, expected in ((tight, 3), (10**6, 0), ("off", 0)):
+        calls["n"] = 0
+        save_config(settings(setup), tmp_path / "run.yaml")
+        out = tmp_path / str(limit)
+        train(tmp_path / "run.yaml", overrides=[f"train.memory_limit_mb={limit}", "train.max_steps=3",
+                                                "generation.eval_samples=0", "generation.compare_base=false",
+                                                f"output_dir={out}"])  # fmt: skip
+        assert calls["n"] == expected
+        plan = json.loads((out / "env.json").read_text())["memory"]
+        assert plan["trim_steps"] == bool(expected)
+        assert ("freed memory handed back after each step" in plan["line"]) == bool(expected)

@@ -289,3 +289,30 @@ def test_wrappers_read_through_to_the_original_for_model_code_and_peft(tmp_path)
     for (name, a), b in zip(reference.named_parameters(), patched.parameters()):
         if a.grad is not None:
             assert torch.allclose(a.grad, b.grad, atol=1e-5), name
+
+
+def test_float32_weights_behind_kept_copies_go_back_to_the_page_cache(tmp_path):
+    """Under bf16 autocast the frozen layers read only their kept bf16 copies: the float32
+    weights, memory-mapped from the model's file, are released; the outputs stay the same, and a
+    float32 read of a weight gives the file's values."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=4096, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(shape).save_pretrained(tmp_path)
+    config = load_config(model=str(tmp_path), task="causal-lm", method="lora")
+    task = TASKS["causal-lm"](config)
+    model = METHODS["lora"].apply(task.build_model(str(tmp_path)), config, task)
+    speed.apply(model, task, cpu=True)
+    model.eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        before = model(input_ids=ids).logits
+        assert speed.release_copied_weights(model) >= 3  # the MLP's three 1 MB weights at least
+        after = model(input_ids=ids).logits
+    assert torch.equal(before, after)
+    reference = LlamaForCausalLM.from_pretrained(tmp_path).model.layers[0].mlp.down_proj.weight
+    mlp = model.get_base_model().model.layers[0].mlp
+    assert torch.equal(mlp.down_proj.weight, reference)
+    assert speed.release_copied_weights(model) >= 1  # the weight just read, again

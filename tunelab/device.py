@@ -15,6 +15,8 @@ and seed trained in different precisions. `TUNELAB_RECALIBRATE=1` measures again
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import datetime
 import functools
 import json
@@ -30,6 +32,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from tunelab.errors import ConfigError
@@ -38,6 +41,17 @@ try:  # POSIX: processes calibrating at once take turns, so a machine is measure
     import fcntl
 except ImportError:  # Windows: without the lock two first runs may each measure (both are kept valid)
     fcntl = None  # type: ignore[assignment]
+
+
+# The kernel library keeps what it built for each matrix-product shape (oneDNN's primitive cache and
+# ideep's, 1,024 entries each by default): about 10 MB of the process's memory for each new batch
+# shape that bf16 training meets (a shape needs about 20 entries), so an epoch of varied lengths
+# held hundreds of MB. 128 entries hold the shapes of the steps in flight; the same real
+# tokens/s (benchmarks/README.md, "Memory plan"). Read at the kernel library's first use; a value
+# set in the environment wins.
+KERNEL_CACHE_ENTRIES = "128"
+for _name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+    os.environ.setdefault(_name, KERNEL_CACHE_ENTRIES)
 
 
 def pick_device() -> torch.device:
@@ -295,3 +309,64 @@ def precision_used(precision: str, device: torch.device) -> dict[str, Any]:
             used["cpu_bf16_speedup"] = round(float(calibration["bf16_speedup"]), 2)
             used["calibration"] = {k: v for k, v in calibration.items() if k != "bf16_speedup"}
     return used
+
+
+MADV_DONTNEED = 4  # Linux's value
+
+
+def release_file_pages(tensors: list[torch.Tensor]) -> float:
+    """Unmap the pages of `tensors` that are their file's own (a model's weights memory-mapped
+    from its safetensors file, never written since): the kernel keeps them in its page cache,
+    where the memory can be reclaimed, and a later read maps them again from there (the same
+    bytes, no disk read while the cache holds them). A page is released only where every page of
+    the tensor is either a file's page or not resident (`/proc/self/pagemap`); a tensor with a
+    page of anonymous memory (written in place, or not from a file at all) is left alone: unmapping
+    it would lose what it holds. Only whole pages inside a tensor are released. Returns the MB
+    released; 0 where the system has no such files (not Linux) or the tensors live elsewhere
+    (a GPU). Hand-written: no library exposes `madvise` on tensors."""
+    page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+    try:
+        pagemap = open("/proc/self/pagemap", "rb")  # noqa: SIM115 (closed below)
+        madvise = libc().madvise
+    except (OSError, AttributeError):
+        return 0.0
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    released = 0
+    seen: set[int] = set()
+    with pagemap:
+        for t in tensors:
+            if t.device.type != "cpu" or t.data_ptr() in seen:
+                continue
+            seen.add(t.data_ptr())
+            start = -(-t.data_ptr() // page) * page
+            end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
+            if end <= start:
+                continue
+            pagemap.seek(start // page * 8)
+            entries = np.frombuffer(pagemap.read((end - start) // page * 8), dtype=np.uint64)
+            present, swapped = entries >> np.uint64(63), (entries >> np.uint64(62)) & np.uint64(1)
+            file_page = (entries >> np.uint64(61)) & np.uint64(1)
+            if (
+                len(entries) * 8 != (end - start) // page * 8
+                or swapped.any()
+                or (present & ~file_page & 1).any()
+            ):
+                continue
+            if madvise(start, end - start, MADV_DONTNEED) == 0:
+                released += int(present.sum()) * page
+    return released / 2**20
+
+
+@functools.cache
+def libc() -> Any:
+    """The C library (raises OSError where there is none to load)."""
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def trim() -> None:
+    """Hand the memory that glibc's allocator keeps after frees back to the system
+    (`malloc_trim`); nothing where the C library has no such call."""
+    try:
+        libc().malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

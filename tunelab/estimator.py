@@ -416,7 +416,8 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
     gc.collect()
     began = time.perf_counter()
     result = fit(model, task, [splits.train[i] for i in spec["rows"]], validation, probe_config, lr,
-                 tokenizer.pad_token_id, log, device, micro_batch_tokens=plan.micro_batch_tokens)  # fmt: skip
+                 tokenizer.pad_token_id, log, device, micro_batch_tokens=plan.micro_batch_tokens,
+                 trim_memory=plan.trim_steps)  # fmt: skip
     steps = timed(began)
     # then one step of each batch shape the epoch has and the probe did not (their memory)
     packed = speed.report_for(model).has(speed.PACKED)
@@ -428,7 +429,8 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
         tc.max_steps = memory["steps"]
         began = time.perf_counter()
         done = fit(model, task, [splits.train[i] for i in memory["rows"]], [], probe_config, lr,
-                   tokenizer.pad_token_id, log, device, micro_batch_tokens=plan.micro_batch_tokens)  # fmt: skip
+                   tokenizer.pad_token_id, log, device, micro_batch_tokens=plan.micro_batch_tokens,
+                 trim_memory=plan.trim_steps)  # fmt: skip
         memory_cache_mb = done.cache_mb
     task.collate = collate
     after = allocated_mb()

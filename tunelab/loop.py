@@ -31,12 +31,12 @@ from tunelab.checkpoint import crash_point, is_sharded, load_checkpoint, save_sh
 from tunelab.checkpoint import save_checkpoint as write_checkpoint
 from tunelab.config import Config, batch_size
 from tunelab.console import say
-from tunelab.device import autocast, pick_device, resolve_precision, to_device
+from tunelab.device import autocast, pick_device, resolve_precision, to_device, trim
 from tunelab.dist import Dist, all_reduce_sum, broadcast_flag, reshard, shard_model
 from tunelab.errors import ConfigError, Interrupted
 from tunelab.methods import METHODS
 from tunelab.metrics import higher_is_better
-from tunelab.speed import FrozenCache, cache_mb, report_for
+from tunelab.speed import FrozenCache, cache_mb, release_copied_weights, report_for
 from tunelab.tasks.base import Task, padded_length
 from tunelab.token_cache import row_lengths
 
@@ -185,6 +185,7 @@ class Loop:
     epoch_rng_state: Any = None  # the data-order RNG as it was when the current epoch began
     progress: Any = None
     micro_tokens: int | None = None  # the memory plan's token budget per micro-batch (None: whole batches)
+    trim_memory: bool = False  # the memory plan's: freed memory handed back to the system after each step
     stream: BatchSource | None = None  # data.streaming: where the steps come from
 
 
@@ -213,6 +214,7 @@ def fit(
     dist: Dist | None = None,
     micro_batch_tokens: int | None = None,
     stream: BatchSource | None = None,
+    trim_memory: bool = False,
 ) -> FitResult:
     """Train `model` in place on `train`; keep the weights that scored best on `validation`.
 
@@ -221,14 +223,16 @@ def fit(
     steps, at each epoch end and on SIGTERM/SIGINT (then `Interrupted` is raised);
     `resume_from` continues exactly from one. Under torchrun (`dist`), each process trains on
     its share of every global batch and only rank 0 evaluates. With `micro_batch_tokens` (the
-    memory plan's), each batch runs as micro-batches of at most that many padded tokens. With
+    memory plan's), each batch runs as micro-batches of at most that many padded tokens, and
+    with `trim_memory` (also the plan's) the memory the C allocator keeps after each step's
+    frees goes back to the system, so one step's batch shapes do not add to the next's. With
     `stream` (`data.streaming`), the steps come from it instead of from `train`, a pass over the
     file is an epoch, and checkpoints record its position.
     """
     tc = config.train
     resumed = resumed_batch(resume_from, config, dist) if resume_from is not None else None
     loop = prepare(model, task, train, config, lr, pad_id, log, device, checkpoint_dir, dist, resumed)
-    loop.micro_tokens = micro_batch_tokens
+    loop.micro_tokens, loop.trim_memory = micro_batch_tokens, trim_memory
     loop.stream = stream
     state = restore(loop, resume_from) if resume_from is not None else FitResult()
 
@@ -246,6 +250,7 @@ def fit(
     model.train()
     start = time.perf_counter() - state.runtime_s - loop.setup_s
     stop = state.steps >= loop.total_steps
+    released = False
     with _StopSignal() as signals:
         while not stop:
             loop.epoch_rng_state = loop.rng.getstate()
@@ -257,6 +262,9 @@ def fit(
             steps = stream.steps() if stream else ((train, g, g, lengths) for g in groups[state.step_in_epoch:])  # fmt: skip
             for rows, group, counts, step_lengths in steps:
                 units, loss = train_step(loop, rows, group)
+                if not released:  # the weight copies exist now: their float32 originals may go
+                    release_copied_weights(model)
+                    released = True
                 count_step(state, window, counts, step_lengths, units, loss, task.pad_multiple)
                 loop.progress.update(1)
                 crash_point("train-step")  # test hook: a process dying mid-training
@@ -436,6 +444,8 @@ def train_step(loop: Loop, train: list[dict[str, Any]], group: list[list[int]]) 
     loop.scaler.update()
     loop.schedule.step()
     loop.optimizer.zero_grad(set_to_none=True)
+    if loop.trim_memory:  # hand back what the allocator kept of this step's freed tensors
+        trim()
     return units, total
 
 

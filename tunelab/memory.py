@@ -5,10 +5,10 @@ predicts the run's peak RSS and picks gradient checkpointing (where
 `train.gradient_checkpointing` is `auto`) and token-budget micro-batches: each batch is cut
 into micro-batches whose rows x padded length stays within a token budget, and their gradients
 accumulate, so the optimizer step and the loss are those of the whole batch. It takes the first
-of these that fits the limit: whole batches; checkpointing (its recompute measured nearly free
-on a CPU: benchmarks/README.md); checkpointing and micro-batches; last, with checkpointing, the
-speed layer's bf16 weight copies cast again on every use instead of kept (as autocast does:
-slower). A limit below the leanest of them is refused before training. (On a GPU no plan is made yet: the limit is the host's
+of these that fits the limit: whole batches; micro-batches of at least a quarter of the batch;
+checkpointing (on LoRA SFT it ran about 17% slower than such micro-batches,
+benchmarks/README.md); checkpointing and micro-batches; last, with checkpointing, the speed
+layer's bf16 weight copies cast again on every use instead of kept (as autocast does: slower). A limit below the leanest of them is refused before training. (On a GPU no plan is made yet: the limit is the host's
 memory, and the activations live on the device.)
 
 The prediction, for a micro-batch of T tokens (rows x padded length):
@@ -16,7 +16,9 @@ The prediction, for a micro-batch of T tokens (rows x padded length):
     peak = now + state + OVERHEAD_MB + ACTIVATION_FACTOR x (saved_constant + saved_per_token x T)
 
 - now: the process's resident memory when the plan is made (libraries, weights, data, the
-  speed layer's weight copies), after glibc has handed back what it kept of freed memory;
+  speed layer's weight copies), after the float32 weights behind those copies have gone back
+  to the page cache (`speed.release_copied_weights`) and glibc has handed back what it kept
+  of freed memory;
 - state: the trainable parameters' gradients and optimizer moments (3 x their bytes for
   AdamW, 2 x for SGD);
 - saved: what autograd keeps for the backward pass, measured by training-mode forward passes
@@ -26,9 +28,10 @@ The prediction, for a micro-batch of T tokens (rows x padded length):
   bytes per token and a constant part (autocast's casts of other weights). With checkpointing, the same with it on, plus what it keeps out of the
   hooks' sight: each checkpointed layer's inputs (counted by forward pre-hooks), and one
   layer's activations while the backward pass recomputes it;
-- ACTIVATION_FACTOR and OVERHEAD_MB: what the backward pass and the process add on top of the
-  saved tensors (the gradients flowing back, memory the allocator and the kernel library keep),
-  calibrated on SmolLM2-135M LoRA SFT (benchmarks/README.md, "Memory plan").
+- ACTIVATION_FACTOR and OVERHEAD_MB: how much of the saved tensors is alive at the peak, and
+  what the process adds besides (the gradients flowing back, memory the allocator and the
+  kernel library keep, the validation pass), calibrated on whole epochs of SmolLM2-135M LoRA
+  SFT (benchmarks/README.md, "Memory plan").
 
 Why hand-written: no library plans CPU fine-tuning memory; Hugging Face's Trainer leaves
 checkpointing and the batch size to the user, and accelerate's `find_executable_batch_size`
@@ -37,8 +40,6 @@ retries after an out-of-memory error, which on a CPU is the kernel killing the p
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -47,14 +48,20 @@ from typing import Any
 import torch
 
 from tunelab.config import Config, batch_size
-from tunelab.device import autocast, proc_mb, to_device
+from tunelab.device import autocast, proc_mb, to_device, trim
 from tunelab.errors import ConfigError
+from tunelab.speed import release_copied_weights
 from tunelab.tasks.base import Task, padded_length
 from tunelab.token_cache import row_lengths
 
 LIMIT_SHARE = 0.7  # `auto`: this share of the memory the machine has available, besides the process's own
-ACTIVATION_FACTOR = 1.65  # peak over the saved tensors (calibrated: benchmarks/README.md, "Memory plan")
-OVERHEAD_MB = 480.0  # kernel library and allocator, the evaluation pass (calibrated the same way)
+# peak over the saved tensors, and what the process adds besides them (kernel library, allocator, the
+# validation pass): a line above every point of the calibration (benchmarks/README.md, "Memory plan")
+ACTIVATION_FACTOR = 0.9
+OVERHEAD_MB = 820.0
+# Without a trim after each step, glibc kept up to 15% more (SFT benchmark: 2,511 MB against 2,183,
+# at 379 real tokens/s against 319): a run predicted within this share of its limit trims
+TRIM_ROOM = 1.2
 
 
 @dataclass
@@ -69,6 +76,7 @@ class Footprint:
     checkpointed_per_token_mb: float | None = None
     copies_mb: float = 0.0  # the speed layer's low-precision weight copies (bf16 autocast), part of now_mb
     layers: int = 1  # the layers checkpointing recomputes one at a time
+    released_mb: float = 0.0  # float32 weights left to the page cache (`release_copied_weights`)
 
     def peak(self, tokens: int, checkpointing: bool, copies: bool = True) -> float:
         """The predicted peak RSS (MB) of training on micro-batches of `tokens` tokens; without
@@ -104,6 +112,7 @@ class MemoryPlan:
     whole_batches_mb: float | None = None  # the predicted peak without checkpointing or micro-batches
     footprint: Footprint | None = None
     weight_copies: bool = True  # the speed layer keeps its low-precision weight copies
+    trim_steps: bool = False  # freed memory handed back to the system after every step (`TRIM_ROOM`)
 
     def line(self) -> str:
         if self.limit_mb is None:
@@ -119,6 +128,8 @@ class MemoryPlan:
                          f"(the largest batch has {self.longest_batch_tokens:,})")  # fmt: skip
         else:
             chose.append(f"whole batches (the largest has {self.longest_batch_tokens:,} tokens)")
+        if self.trim_steps:
+            chose.append("freed memory handed back after each step")
         whole = (f"; whole batches without checkpointing: {self.whole_batches_mb:,.0f} MB"
                  if self.whole_batches_mb is not None and (self.micro_batch_tokens or self.gradient_checkpointing)
                  else "")  # fmt: skip
@@ -293,8 +304,10 @@ def footprint(model: torch.nn.Module, task: Task, train: list[dict[str, Any]], c
     set_checkpointing(model, was_on)
     found.copies_mb = sum(c.held_bytes() for c in weight_copies(model)) / 2**20
     found.layers = recompute_share(model)
-    # after the passes, what they leave stays (weights read in from their file, a reference model, cast
-    # weights); the freed memory that the allocator keeps is handed back first, or it would count twice
+    # after the passes, what they leave stays (a reference model, cast weights); the float32 weights
+    # that training reads only as copies go back to the page cache, and the freed memory that the
+    # allocator keeps is handed back first, or it would count twice
+    found.released_mb = release_copied_weights(model)
     trim()
     found.now_mb = rss_mb()
     return found
@@ -310,15 +323,7 @@ def keep_weight_copies(model: torch.nn.Module, keep: bool) -> None:
         copies.keep = keep
         if not keep:
             copies.copies.clear()
-
-
-def trim() -> None:
-    """Hand the memory that glibc's allocator keeps after frees back to the system
-    (`malloc_trim`); nothing where the C library has no such call."""
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+            copies.sources.clear()
 
 
 # ------------------------------------------------------------------------------ the plan
@@ -353,13 +358,14 @@ def plan_memory(model: torch.nn.Module, task: Task, train: list[dict[str, Any]],
     plan = MemoryPlan(limit, source, current, None, tokens, footprint=found)
     plan.whole_batches_mb = found.peak(tokens, False) if explicit is not True else None
     options = [on for on in ((False, True) if explicit is None else (explicit,)) if not on or can_checkpoint]
-    # Cheapest first. Recompute is nearly free on a CPU; micro-batches of a quarter of the batch or
-    # more cost little; not keeping the weight copies costs two casts of the frozen weights per
+    # Cheapest first. Micro-batches of a quarter of the batch or more cost little (on LoRA SFT they
+    # ran faster than whole batches; checkpointing ran about 17% slower than them: benchmarks/README.md,
+    # "Memory plan"); not keeping the weight copies costs two casts of the frozen weights per
     # micro-batch (with checkpointing only: without it, autograd keeps the casts anyway); micro-batches
     # down to one example, many small products, come last. (checkpointing, least tokens, copies kept)
     quarter = max(row, tokens // 4)
-    order = [(False, tokens, True), (True, tokens, True), (True, quarter, True), (True, tokens, False),
-             (True, quarter, False), (True, row, True), (True, row, False), (False, quarter, True), (False, row, True)]  # fmt: skip
+    order = [(False, tokens, True), (False, quarter, True), (True, tokens, True), (True, quarter, True),
+             (True, tokens, False), (True, quarter, False), (True, row, True), (True, row, False), (False, row, True)]  # fmt: skip
     lean = True in options
     for checkpointing, least, copies in order:
         if checkpointing not in options or (not copies and not found.copies_mb):
@@ -387,6 +393,9 @@ def plan_memory(model: torch.nn.Module, task: Task, train: list[dict[str, Any]],
                 f"{found.now_mb + found.state_mb:,.0f} MB); raise it to {math.ceil(leanest / 100) * 100:,}, or "
                 f"shorten data.max_length, or set train.memory_limit_mb=off"
             )
+    # the prediction assumes freed memory goes back after every step; that costs time (pages
+    # faulted in again), so it is done only where the limit leaves less room than glibc keeps
+    plan.trim_steps = plan.predicted_mb is not None and plan.predicted_mb * TRIM_ROOM > limit
     set_checkpointing(model, plan.gradient_checkpointing)
     keep_weight_copies(model, plan.weight_copies)
     return plan

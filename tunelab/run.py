@@ -572,7 +572,8 @@ def train_in_process(config: Config, resume: bool, overwrite: bool) -> Run:
         ):
             result = fit(model, task, splits.train, splits.validation, config, lr, tokenizer.pad_token_id, log,
                          device, checkpoint_dir=tmp / "checkpoints", resume_from=checkpoint, dist=dist,
-                         micro_batch_tokens=plan.micro_batch_tokens, stream=stream)  # fmt: skip
+                         micro_batch_tokens=plan.micro_batch_tokens, stream=stream,
+                         trim_memory=plan.trim_steps)  # fmt: skip
     except Interrupted as e:
         trackers.finish(tmp, None, "KILLED")
         shutdown(dist)

@@ -46,7 +46,7 @@ from tunelab.speed.cache import (
 )
 from tunelab.speed.dropout import FastDropout, dropout_add, fast_dropout, keep_mask, use_fast_dropout
 from tunelab.speed.encoder import PACK_ROWS, FastEncoder, use_fast_encoder
-from tunelab.speed.linear import FastFrozenLinear, FastLoraLinear, use_fast_linears
+from tunelab.speed.linear import FastFrozenLinear, FastLoraLinear, release_copied_weights, use_fast_linears
 from tunelab.speed.report import (
     ATTENTION,
     CACHE,
@@ -65,8 +65,8 @@ __all__ = [
     "ATTENTION", "CACHE", "CACHE_BUDGET_MB", "DROPOUT", "FIRST_TOKEN", "FROZEN_LINEAR", "IMPLEMENTATION",
     "LORA_LINEAR", "PACKED", "PACK_ROWS", "CachedBlock", "CachedEntry", "FastDropout", "FastEncoder",
     "FastFrozenLinear", "FastLoraLinear", "FrozenCache", "SpeedReport", "StandIn", "Wrapper", "apply",
-    "cache_batches", "cache_mb", "cpu_attention", "dropout_add", "fast_dropout", "keep_mask", "report_for",
-    "row_starts", "undo",
+    "cache_batches", "cache_mb", "cpu_attention", "dropout_add", "fast_dropout", "keep_mask",
+    "release_copied_weights", "report_for", "row_starts", "undo",
 ]  # fmt: skip
 
 

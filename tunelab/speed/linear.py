@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tunelab.device import release_file_pages
 from tunelab.speed.dropout import fast_dropout
 from tunelab.speed.report import FROZEN_LINEAR, LORA_LINEAR, SpeedReport
 from tunelab.speed.swap import Wrapper, hooked, replace
@@ -38,10 +39,20 @@ class LowPrecisionCopies:
 
     def __init__(self) -> None:
         self.copies: dict[int, tuple[tuple[int, int, torch.dtype], torch.Tensor]] = {}
+        self.sources: dict[int, torch.Tensor] = {}  # what each kept copy was cast from
         self.keep = True
 
     def held_bytes(self) -> int:
         return sum(t.untyped_storage().nbytes() for _, t in self.copies.values())
+
+    def copied(self) -> list[torch.Tensor]:
+        """The tensors a copy is kept of now, and is current (none while `keep` is off)."""
+        out = []
+        for slot, (key, _) in self.copies.items():
+            t = self.sources.get(slot)
+            if t is not None and key == (t.data_ptr(), t._version, key[2]):
+                out.append(t)
+        return out
 
     def get(self, slot: int, tensor: torch.Tensor | None, dtype: torch.dtype) -> Any:
         if tensor is None or tensor.dtype == dtype:
@@ -52,6 +63,7 @@ class LowPrecisionCopies:
         cached = self.copies.get(slot)
         if cached is None or cached[0] != key:
             cached = self.copies[slot] = (key, tensor.detach().to(dtype))
+            self.sources[slot] = tensor
         return cached[1]
 
 
@@ -183,3 +195,12 @@ def use_fast_linears(model: nn.Module, report: SpeedReport) -> None:
     report.add(LORA_LINEAR, [name for name, _ in loras], "no peft LoRA linear layers")
     if misfits:  # (the others may still have applied)
         report.skip(LORA_LINEAR, f"{len(misfits)} LoRA layer(s) keep peft's forward, e.g. {misfits[0]}")
+
+
+def release_copied_weights(model: nn.Module) -> float:
+    """`device.release_file_pages` for the frozen weights this module's layers keep low-precision
+    copies of: training reads only the copies, so the float32 originals, memory-mapped from the
+    model's file, need not stay resident (a merge, an export or a float32 pass maps them again).
+    Returns the MB released."""
+    stores = [c for m in model.modules() if isinstance(c := getattr(m, "casts", None), LowPrecisionCopies)]
+    return release_file_pages([t for c in stores for t in c.copied() if not t.requires_grad])
