@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -39,7 +40,8 @@ class LowPrecisionCopies:
 
     def __init__(self) -> None:
         self.copies: dict[int, tuple[tuple[int, int, torch.dtype], torch.Tensor]] = {}
-        self.sources: dict[int, torch.Tensor] = {}  # what each kept copy was cast from
+        # what each kept copy was cast from (weakly: a copy never keeps its original alive)
+        self.sources: dict[int, weakref.ref[torch.Tensor]] = {}
         self.keep = True
 
     def held_bytes(self) -> int:
@@ -49,7 +51,8 @@ class LowPrecisionCopies:
         """The tensors a copy is kept of now, and is current (none while `keep` is off)."""
         out = []
         for slot, (key, _) in self.copies.items():
-            t = self.sources.get(slot)
+            source = self.sources.get(slot)
+            t = source() if source is not None else None
             if t is not None and key == (t.data_ptr(), t._version, key[2]):
                 out.append(t)
         return out
@@ -63,7 +66,7 @@ class LowPrecisionCopies:
         cached = self.copies.get(slot)
         if cached is None or cached[0] != key:
             cached = self.copies[slot] = (key, tensor.detach().to(dtype))
-            self.sources[slot] = tensor
+            self.sources[slot] = weakref.ref(tensor)
         return cached[1]
 
 
