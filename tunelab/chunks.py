@@ -21,7 +21,7 @@ from tunelab.data import (
     _check_header,
     _columns,
     detect_format,
-    jsonl_row,
+    jsonl_rows,
     not_utf8,
     read_table,
     wrong_fields,
@@ -103,19 +103,13 @@ def _jsonl(path: Path, fmt: str, chunk_rows: int) -> Iterator[Table]:
     rows: list[dict[str, Any]] = []
     lines: list[str] = []
     columns: list[str] | None = None
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                rows.append(jsonl_row(path, n, line))
-                lines.append(f"line {n}")
-                if len(rows) == max(chunk_rows, 1000 if columns is None else 0):
-                    columns = columns or _columns(rows)
-                    yield Table(path, rows, lines, columns)
-                    rows, lines = [], []
-    except UnicodeDecodeError:
-        raise not_utf8(path) from None
+    for n, row in jsonl_rows(path):
+        rows.append(row)
+        lines.append(f"line {n}")
+        if len(rows) == max(chunk_rows, 1000 if columns is None else 0):
+            columns = columns or _columns(rows)
+            yield Table(path, rows, lines, columns)
+            rows, lines = [], []
     yield Table(path, rows, lines, columns or _columns(rows))
 
 

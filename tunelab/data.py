@@ -14,6 +14,7 @@ import math
 import random
 import sys
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -265,18 +266,22 @@ def jsonl_row(path: Path, n: int, line: str) -> dict[str, Any]:
     return row
 
 
-def _read_jsonl(path: Path, fmt: str, keep_blank: bool = False) -> Table:
-    rows, lines = [], []
+def jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line of a JSONL file, read as it goes (the whole-file
+    and the chunked readers share it); one-line errors for bad JSON and non-UTF-8 files."""
     try:
         with open(path, encoding="utf-8-sig") as f:
             for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                rows.append(jsonl_row(path, n, line))
-                lines.append(f"line {n}")
+                if line.strip():
+                    yield n, jsonl_row(path, n, line)
     except UnicodeDecodeError:
         raise not_utf8(path) from None
-    return Table(path, rows, lines, _columns(rows))
+
+
+def _read_jsonl(path: Path, fmt: str, keep_blank: bool = False) -> Table:
+    read = list(jsonl_rows(path))
+    rows = [row for _, row in read]
+    return Table(path, rows, [f"line {n}" for n, _ in read], _columns(rows))
 
 
 def _read_parquet(path: Path, fmt: str, keep_blank: bool = False) -> Table:

@@ -45,10 +45,9 @@ except ImportError:  # Windows: without the lock two first runs may each measure
 
 # The kernel library keeps what it built for each matrix-product shape (oneDNN's primitive cache and
 # ideep's, 1,024 entries each by default): about 10 MB of the process's memory for each new batch
-# shape that bf16 training meets (a shape needs about 20 entries), so an epoch of varied lengths
-# held hundreds of MB. 128 entries hold the shapes of the steps in flight; the same real
-# tokens/s (benchmarks/README.md, "Memory plan"). Read at the kernel library's first use; a value
-# set in the environment wins.
+# shape that bf16 training meets, so an epoch of varied lengths held hundreds of MB. 128 entries
+# hold the shapes of the steps in flight, with no loss of real tokens/s measured (benchmarks/README.md,
+# "Memory plan"). Read at the kernel library's first use; a value set in the environment wins.
 KERNEL_CACHE_ENTRIES = "128"
 for _name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
     os.environ.setdefault(_name, KERNEL_CACHE_ENTRIES)
