@@ -10,22 +10,11 @@ module, JSONL line by line, Parquet by pyarrow's record batches; a JSON list is 
 
 from __future__ import annotations
 
-import csv
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tunelab.data import (
-    Table,
-    _check_header,
-    _columns,
-    detect_format,
-    jsonl_rows,
-    not_utf8,
-    read_table,
-    wrong_fields,
-)
+from tunelab.data import Table, _columns, delimited_rows, detect_format, jsonl_rows, read_table
 from tunelab.errors import DataError
 
 CHUNK_ROWS = 8192  # rows per chunk: large enough for fast tokenizer batches, small in memory
@@ -68,34 +57,17 @@ def _whole(table: Table, chunk_rows: int) -> Iterator[Table]:
 
 def _delimited(path: Path, fmt: str, chunk_rows: int) -> Iterator[Table]:
     """`data._read_delimited`, one chunk at a time (the same messages)."""
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if fmt == "tsv" else csv.reader(f)
-        try:
-            header = next(reader, None)
-            if not header or not any(h.strip() for h in header):
-                raise DataError(f"{path}: the first line must be a header naming the columns")
-            header = [h.strip() for h in header]
-            _check_header(path, header)
-            rows: list[dict[str, Any]] = []
-            lines: list[str] = []
-            end = reader.line_num  # a quoted CSV field may span lines: a record is lines first..end
-            for record in reader:
-                first, end = end + 1, reader.line_num
-                if not record or (len(record) == 1 and not record[0].strip()):
-                    continue
-                if len(record) != len(header):
-                    raise wrong_fields(path, fmt, header, record, first, end)
-                rows.append(dict(zip(header, record)))
-                lines.append(f"line {first}")
-                if len(rows) == chunk_rows:
-                    yield Table(path, rows, lines, header)
-                    rows, lines = [], []
+    records = delimited_rows(path, fmt)
+    header: list[str] = next(records)
+    rows: list[dict[str, Any]] = []
+    lines: list[str] = []
+    for first, row in records:
+        rows.append(row)
+        lines.append(f"line {first}")
+        if len(rows) == chunk_rows:
             yield Table(path, rows, lines, header)
-        except csv.Error as e:
-            raise DataError(f"{path}:{reader.line_num}: malformed {fmt.upper()} ({e})") from None
-        except UnicodeDecodeError:
-            raise not_utf8(path) from None
+            rows, lines = [], []
+    yield Table(path, rows, lines, header)
 
 
 def _jsonl(path: Path, fmt: str, chunk_rows: int) -> Iterator[Table]:

@@ -135,37 +135,42 @@ def wrong_fields(
     )
 
 
-def _read_delimited(path: Path, fmt: str, keep_blank: bool = False) -> Table:
+def delimited_rows(path: Path, fmt: str, keep_blank: bool = False) -> Iterator[Any]:
+    """A CSV/TSV file read as it goes (the whole-file and the chunked readers share it): first its
+    checked header (a list of names), then (first line, row) for each record; blank records are
+    skipped, or given as empty rows with `keep_blank`. One-line errors for a missing or bad header,
+    a record with the wrong number of fields, malformed quoting and non-UTF-8 files."""
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    rows, lines = [], []
     with open(path, newline="", encoding="utf-8-sig") as f:
-        if fmt == "tsv":
-            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        else:
-            reader = csv.reader(f)
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if fmt == "tsv" else csv.reader(f)
         try:
             header = next(reader, None)
             if not header or not any(h.strip() for h in header):
                 raise DataError(f"{path}: the first line must be a header naming the columns")
             header = [h.strip() for h in header]
             _check_header(path, header)
+            yield header
             end = reader.line_num  # a quoted CSV field may span lines: a record is lines first..end
             for record in reader:
                 first, end = end + 1, reader.line_num
                 if not record or (len(record) == 1 and not record[0].strip()):
                     if keep_blank:
-                        rows.append(dict.fromkeys(header, ""))
-                        lines.append(f"line {first}")
+                        yield first, dict.fromkeys(header, "")
                     continue
                 if len(record) != len(header):
                     raise wrong_fields(path, fmt, header, record, first, end)
-                rows.append(dict(zip(header, record)))
-                lines.append(f"line {first}")
+                yield first, dict(zip(header, record))
         except csv.Error as e:
             raise DataError(f"{path}:{reader.line_num}: malformed {fmt.upper()} ({e})") from None
         except UnicodeDecodeError:
             raise not_utf8(path) from None
-    return Table(path, rows, lines, header)
+
+
+def _read_delimited(path: Path, fmt: str, keep_blank: bool = False) -> Table:
+    records = delimited_rows(path, fmt, keep_blank)
+    header: list[str] = next(records)
+    read = list(records)
+    return Table(path, [row for _, row in read], [f"line {first}" for first, _ in read], header)
 
 
 def _read_text(path: Path, fmt: str, keep_blank: bool = False) -> Table:
